@@ -1,0 +1,310 @@
+"""DDIM inversion and generation (eta = 0), exactly as REFERENCE.md section 1.
+
+Grid. With T inference steps and ``r = 1000 // T`` the timestep grid is
+``[0, r, 2r, ..., (T-1) r]`` (no ``steps_offset``, whatever the model's scheduler says).
+
+Inversion (real images) walks up from the clean latent: UNet calls at
+``t = -1, 0, r, ..., (T-2) r`` (T calls), each moving to the next grid value; the sentinel
+``t = -1`` has ``alpha_bar = 1``. Generation walks down from noise: calls at
+``t = (T-1) r, ..., r, 0``, the last one moving to ``-1`` (the clean latent).
+
+Step names (DESIGN.md): a call is named by its position on the noise axis, step 0 being the
+call on the cleanest input and step T-1 the noisiest, for both processes:
+
+==========  =====================================  =====================================
+step        inversion call (timestep)              generation call (timestep)
+==========  =====================================  =====================================
+0           first call (t = -1)                    last call (t = 0)
+i           call i (t = (i - 1) r)                 call T-1-i (t = i r)
+T-1         last call (t = (T-2) r)                first call (t = (T-1) r)
+==========  =====================================  =====================================
+
+So a network trained on inversion steps applies to generation steps with no flag: the
+original code's ``flip_timesteps`` is built into the naming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import Conditioning
+
+__all__ = [
+    "NoiseSchedule",
+    "ddim_grid",
+    "ddim_move",
+    "generate",
+    "generation_timesteps",
+    "invert",
+    "inversion_timesteps",
+    "parse_steps",
+    "to_epsilon",
+]
+
+StepHook = Callable[[int, int], None]  # (step, timestep) before each UNet call
+
+
+# --------------------------------------------------------------------------- schedule
+@dataclass(frozen=True)
+class NoiseSchedule:
+    """The training noise schedule of a model.
+
+    Attributes:
+        alphas_cumprod: ``(N,)`` float32, ``alpha_bar[t] = prod_{i<=t} (1 - beta_i)``.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+    """
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: str = "epsilon"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None = None) -> NoiseSchedule:
+        """Build from a diffusers scheduler config (defaults: SD's ``scaled_linear``
+        0.00085 -> 0.012 over 1000 steps, epsilon prediction). ``steps_offset`` is ignored."""
+        cfg = dict(config or {})
+        n = int(cfg.get("num_train_timesteps", 1000))
+        start = float(cfg.get("beta_start", 0.00085))
+        end = float(cfg.get("beta_end", 0.012))
+        kind = cfg.get("beta_schedule", "scaled_linear")
+        if kind == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
+        elif kind == "linear":
+            betas = torch.linspace(start, end, n, dtype=torch.float32)
+        else:
+            raise ValueError(
+                f"beta_schedule {kind!r} is not supported; use 'scaled_linear' or 'linear'"
+            )
+        alphas = torch.cumprod(1.0 - betas, dim=0)
+        return cls(alphas, str(cfg.get("prediction_type", "epsilon")))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.alphas_cumprod.shape[0])
+
+    def alpha_bar(self, t: int) -> float:
+        """``alpha_bar[t]``; 1 for the sentinel ``t = -1``."""
+        if t < 0:
+            return 1.0
+        return float(self.alphas_cumprod[t])
+
+
+def ddim_grid(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """``[0, r, ..., (T-1) r]`` with ``r = num_train_timesteps // num_steps``."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
+    r = num_train_timesteps // num_steps
+    return [i * r for i in range(num_steps)]
+
+
+def inversion_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Timesteps of the T inversion calls: ``[-1, 0, r, ..., (T-2) r]`` (index = step)."""
+    return [-1, *ddim_grid(num_steps, num_train_timesteps)[:-1]]
+
+
+def generation_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """Timesteps of the T generation calls in call order: ``[(T-1) r, ..., r, 0]``."""
+    return ddim_grid(num_steps, num_train_timesteps)[::-1]
+
+
+def ddim_move(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_next: float) -> torch.Tensor:
+    """One deterministic DDIM move from ``alpha_bar = a_t`` to ``a_next``.
+
+    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``; ``x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps``.
+    """
+    x0 = (x_t - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5
+    return a_next**0.5 * x0 + (1.0 - a_next) ** 0.5 * eps
+
+
+def to_epsilon(
+    model_output: torch.Tensor, x_t: torch.Tensor, a_t: float, prediction_type: str
+) -> torch.Tensor:
+    """Noise prediction from the model output (``v``: ``eps = sqrt(a) v + sqrt(1 - a) x_t``)."""
+    if prediction_type == "epsilon":
+        return model_output
+    if prediction_type == "v_prediction":
+        return a_t**0.5 * model_output + (1.0 - a_t) ** 0.5 * x_t
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+# --------------------------------------------------------------------------- step selection
+def parse_steps(spec: str | int | Iterable[int] | None, num_steps: int) -> list[int]:
+    """Steps to capture, sorted, validated against ``num_steps`` (T).
+
+    Accepted forms:
+        ``"all"`` or ``None``: every step ``0..T-1``.
+        ``"every:N"``: ``T-1, T-1-N, ...`` down to ``>= 0``, plus step 0. For T = 50, N = 5
+            this is the paper's 11 steps ``[0, 4, 9, ..., 44, 49]`` (official labels
+            ``[49, 45, ..., 5, 0]``).
+        ``"first:K"``: steps ``0..K-1`` (the pruned variants of the paper).
+        ``"0,4,9"`` or a list of ints; an int ``k`` means ``[k]``.
+    """
+    if spec is None or spec == "all":
+        steps = list(range(num_steps))
+    elif isinstance(spec, int):
+        steps = [spec]
+    elif isinstance(spec, str):
+        text = spec.strip()
+        try:
+            if text.startswith("every:"):
+                n = int(text.split(":", 1)[1])
+                if n < 1:
+                    raise ValueError
+                steps = sorted({0, *range(num_steps - 1, -1, -n)})
+            elif text.startswith("first:"):
+                k = int(text.split(":", 1)[1])
+                if not 1 <= k <= num_steps:
+                    raise ValueError
+                steps = list(range(k))
+            else:
+                steps = [int(s) for s in text.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise ValueError(
+                f"cannot read steps {spec!r}: use 'all', 'every:N', 'first:K' (1 <= K <= "
+                f"{num_steps}) or a comma list like '0,4,9'"
+            ) from None
+    else:
+        steps = [int(s) for s in spec]
+    bad = [s for s in steps if not 0 <= s < num_steps]
+    if bad or not steps:
+        raise ValueError(
+            f"steps {bad or steps} are outside 0..{num_steps - 1} for {num_steps} inference "
+            "steps (step 0 = cleanest call, step T-1 = noisiest)"
+        )
+    return sorted(set(steps))
+
+
+# --------------------------------------------------------------------------- loops
+def _call_unet(
+    unet: nn.Module, x: torch.Tensor, t: int, cond: Conditioning
+) -> torch.Tensor:
+    dtype = next(unet.parameters()).dtype
+    timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    out = unet(x.to(dtype), timesteps, **cond.unet_kwargs(), return_dict=False)[0]
+    return out.float()
+
+
+@torch.no_grad()
+def invert(
+    unet: nn.Module,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int,
+    last_step: int | None = None,
+    before_call: StepHook | None = None,
+    after_call: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """DDIM inversion of clean latents.
+
+    Args:
+        unet: the denoiser.
+        latents: ``(B, 4, h, w)`` scaled clean latents.
+        cond: conditioning of batch B (the empty prompt for real images).
+        num_steps: T.
+        last_step: stop after the call of this step (the chain stops after the last step any
+            consumer needs); default T-1 (the full chain).
+        before_call: ``before_call(step, timestep)`` before each UNet call (taps use it).
+        after_call: ``after_call(step)`` after each UNet call.
+
+    Returns:
+        The latent after the last call made, ``(B, 4, h, w)`` float32 (for the full chain:
+        the latent at timestep ``(T-1) r``).
+    """
+    times = inversion_timesteps(num_steps, schedule.num_train_timesteps)
+    nexts = ddim_grid(num_steps, schedule.num_train_timesteps)
+    last = num_steps - 1 if last_step is None else last_step
+    x = latents.float()
+    for step in range(last + 1):
+        t, t_next = times[step], nexts[step]
+        if before_call is not None:
+            before_call(step, t)
+        out = _call_unet(unet, x, t, cond)
+        if after_call is not None:
+            after_call(step)
+        a_t, a_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
+        eps = to_epsilon(out, x, a_t, schedule.prediction_type)
+        x = ddim_move(x, eps, a_t, a_next)
+    return x
+
+
+@torch.no_grad()
+def generate(
+    unet: nn.Module,
+    noise: torch.Tensor,
+    cond: Conditioning,
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int,
+    uncond: Conditioning | None = None,
+    guidance_scale: float = 7.5,
+    before_call: StepHook | None = None,
+    after_call: Callable[[int], None] | None = None,
+    set_batch_slice: Callable[[slice | None], None] | None = None,
+) -> torch.Tensor:
+    """DDIM generation from Gaussian noise, with classifier-free guidance.
+
+    Args:
+        noise: ``(B, 4, h, w)`` initial latents at timestep ``(T-1) r``.
+        cond: conditioning of the prompts (batch B).
+        uncond: negative/unconditional conditioning (batch B); with ``guidance_scale > 1``
+            the UNet runs on ``[uncond; cond]`` and ``eps = e_u + w (e_c - e_u)``.
+        before_call: ``before_call(step, timestep)``; steps are named on the noise axis, so
+            the first call is step T-1 and the last is step 0.
+        set_batch_slice: told which part of the UNet batch is the conditional branch (the
+            one features are read from): ``slice(B, 2B)`` under guidance, ``None`` otherwise.
+
+    Returns:
+        Clean latents ``(B, 4, h, w)`` float32 (decode with the VAE).
+    """
+    times = generation_timesteps(num_steps, schedule.num_train_timesteps)
+    guided = guidance_scale != 1.0 and uncond is not None
+    batch = noise.shape[0]
+    unet_cond = uncond.cat(cond) if guided else cond  # type: ignore[union-attr]
+    if set_batch_slice is not None:
+        set_batch_slice(slice(batch, 2 * batch) if guided else None)
+    x = noise.float()
+    for call, t in enumerate(times):
+        step = num_steps - 1 - call
+        t_next = times[call + 1] if call + 1 < num_steps else -1
+        if before_call is not None:
+            before_call(step, t)
+        x_in = torch.cat([x, x]) if guided else x
+        out = _call_unet(unet, x_in, t, unet_cond)
+        if after_call is not None:
+            after_call(step)
+        a_t, a_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
+        eps = to_epsilon(out, x_in, a_t, schedule.prediction_type)
+        if guided:
+            e_u, e_c = eps.chunk(2)
+            eps = e_u + guidance_scale * (e_c - e_u)
+        x = ddim_move(x, eps, a_t, a_next)
+    return x
+
+
+def schedule_for(backbone: Any) -> NoiseSchedule:
+    """The noise schedule of a :class:`~hyperfeatures.backbones.Backbone`."""
+    cfg = dict(backbone.scheduler_config)
+    cfg["prediction_type"] = backbone.prediction_type
+    return NoiseSchedule.from_config(cfg)
+
+
+def capture_steps_hooks(
+    capture: Any, steps: Sequence[int]
+) -> tuple[StepHook, Callable[[int], None]]:
+    """``before_call`` / ``after_call`` hooks that drive a :class:`~hyperfeatures.taps.Capture`:
+    taps fire only at the wanted steps, and a tap that did not fire is reported."""
+    wanted = set(steps)
+
+    def before(step: int, _t: int) -> None:
+        capture.begin_call(step, active=step in wanted)
+
+    def after(_step: int) -> None:
+        capture.end_call()
+
+    return before, after

@@ -1,0 +1,271 @@
+"""``hyperfeatures extract``: batch feature extraction to disk.
+
+Writes into ``out``:
+
+- ``<key>.safetensors`` per image or prompt: tensors ``step_{k}/{tap}`` of shape ``(C, h, w)``
+  and metadata (model, taps, steps, num_steps, image/load size, source file, original size,
+  prompt). Each file appears only once complete (temp file, then rename).
+- ``<key>.png`` per prompt: the generated image.
+- ``manifest.json``: the settings and one entry per input (status ``ok``, ``skipped``,
+  ``failed`` with the reason), rewritten atomically after every batch.
+
+An interrupted run leaves only complete files; ``resume=True`` skips the inputs whose file
+exists (after checking that its settings match), ``overwrite=True`` replaces them, and with
+neither an existing file is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from .datasets.images import ImageLoadError, iter_image_paths, load_image
+from .pipeline import FeatureExtractor
+from .sinks import DiskWriter, read_feature_file
+
+__all__ = ["ExtractJob", "read_prompts"]
+
+_SETTINGS_CHECKED = ("model", "tap_names", "steps", "num_steps", "image_size", "load_size")
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a text file: one per line; blank lines and ``#`` comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    prompts = [
+        line.strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    if not prompts:
+        raise ValueError(f"prompts file {path} holds no prompt (one prompt per line)")
+    return prompts
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _keys_for(paths: Sequence[Path]) -> list[str]:
+    """Output names: the file stem, made unique with the input index when stems repeat."""
+    stems = [re.sub(r"[^A-Za-z0-9._-]", "_", p.stem) or "image" for p in paths]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    return [s if counts[s] == 1 else f"{s}_{i:05d}" for i, s in enumerate(stems)]
+
+
+@dataclass
+class ExtractJob:
+    """One extraction run (the engine behind ``hyperfeatures extract``)."""
+
+    out: Path
+    model: str = "tiny-sd"
+    model_path: str | None = None
+    taps: Any = "dhf"
+    num_steps: int = 50
+    steps: Any = "every:5"
+    image_size: int | None = None
+    load_size: int | None = None
+    output_size: int | None = None
+    guidance_scale: float = 7.5
+    negative_prompt: str = ""
+    posterior: str = "mean"
+    seed: int = 0
+    batch_size: int = 4
+    storage: str = "fp32"
+    device: str = "cpu"
+    dtype: str = "fp32"
+    strict: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    console: Console | None = None
+    extractor: FeatureExtractor | None = None
+    _manifest: dict[str, Any] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+
+    # ------------------------------------------------------------------ setup
+    def _extractor(self) -> FeatureExtractor:
+        if self.extractor is None:
+            self.extractor = FeatureExtractor.from_pretrained(
+                self.model,
+                device=self.device,
+                dtype=self.dtype,
+                model_path=self.model_path,
+                taps=self.taps,
+                num_steps=self.num_steps,
+                steps=self.steps,
+                image_size=self.image_size,
+                load_size=self.load_size,
+                posterior=self.posterior,
+                seed=self.seed,
+                guidance_scale=self.guidance_scale,
+                negative_prompt=self.negative_prompt,
+            )
+        return self.extractor
+
+    def _writer(self, ex: FeatureExtractor, mode: str) -> DiskWriter:
+        settings = {**ex.describe(), "mode": mode, "output_size": self.output_size}
+        dtype = torch.float16 if self.storage == "fp16" else torch.float32
+        self._manifest = {
+            "settings": settings,
+            "storage": self.storage,
+            "items": [],
+        }
+        return DiskWriter(self.out, dtype=dtype, metadata=settings, output_size=self.output_size)
+
+    def _existing(self, writer: DiskWriter, key: str, settings: dict[str, Any]) -> bool:
+        """Whether the item's file exists and may be kept (raises on a conflict)."""
+        path = writer.path_for(key)
+        if not path.exists():
+            return False
+        if self.overwrite:
+            return False
+        if not self.resume:
+            raise FileExistsError(
+                f"{path} already exists; pass --resume to continue an interrupted run or "
+                "--overwrite to replace the files"
+            )
+        _maps, meta = read_feature_file(path, steps=[], taps=[])
+        diffs = [k for k in _SETTINGS_CHECKED if meta.get(k) != settings.get(k)]
+        if diffs:
+            raise ValueError(
+                f"--resume: {path} was written with other settings ({', '.join(diffs)}); use "
+                "another --out folder or --overwrite"
+            )
+        return True
+
+    def _progress(self) -> Progress:
+        return Progress(
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console or Console(stderr=True),
+            transient=False,
+        )
+
+    def _save_manifest(self) -> Path:
+        path = self.out / "manifest.json"
+        _atomic_write_text(path, json.dumps(self._manifest, indent=2))
+        return path
+
+    def _summary(self) -> dict[str, Any]:
+        items = self._manifest["items"]
+        return {
+            "out": str(self.out),
+            "manifest": str(self.out / "manifest.json"),
+            "written": sum(i["status"] == "ok" for i in items),
+            "skipped": sum(i["status"] == "skipped" for i in items),
+            "failed": sum(i["status"] == "failed" for i in items),
+            "errors": [f"{i['input']}: {i['error']}" for i in items if i["status"] == "failed"],
+        }
+
+    # ------------------------------------------------------------------ images
+    def run_images(self, inputs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
+        """Invert every image and write its features. Returns a summary dict."""
+        paths = iter_image_paths(list(inputs))
+        if self.strict:  # check every image before writing anything
+            for p in paths:
+                load_image(p)
+        ex = self._extractor()
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = self._writer(ex, "inversion")
+        settings = writer.metadata
+        keys = _keys_for(paths)
+        items = self._manifest["items"]
+        todo: list[tuple[int, Path, str]] = []
+        for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
+            if self._existing(writer, k, settings):
+                items.append({"input": str(p), "key": k, "status": "skipped"})
+            else:
+                todo.append((i, p, k))
+        with self._progress() as bar:
+            task = bar.add_task("extracting", total=len(todo))
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                images, ok = [], []
+                for i, p, k in chunk:
+                    try:
+                        img = load_image(p)
+                    except ImageLoadError as err:
+                        if self.strict:
+                            raise
+                        items.append({"input": str(p), "key": k, "status": "failed", "error": str(err)})
+                        continue
+                    images.append(img)
+                    ok.append((i, p, k, img.size))
+                if ok:
+                    writer.begin_batch(
+                        [k for _i, _p, k, _s in ok],
+                        [{"source": str(p), "original_size": list(s)} for _i, p, _k, s in ok],
+                    )
+                    ex.run_images(images, writer, first_index=ok[0][0])
+                    for path, (_i, p, k, s) in zip(writer.end_batch(), ok, strict=True):
+                        items.append(
+                            {"input": str(p), "key": k, "file": path.name, "status": "ok",
+                             "original_size": list(s)}
+                        )
+                self._save_manifest()
+                bar.advance(task, len(chunk))
+        self._save_manifest()
+        return self._summary()
+
+    # ------------------------------------------------------------------ prompts
+    def run_prompts(self, prompts_file: str | os.PathLike[str]) -> dict[str, Any]:
+        """Generate an image per prompt, write its features and the image."""
+        from PIL import Image
+
+        prompts = read_prompts(prompts_file)
+        ex = self._extractor()
+        self.out.mkdir(parents=True, exist_ok=True)
+        writer = self._writer(ex, "generation")
+        writer.metadata.pop("prompt", None)
+        settings = writer.metadata
+        keys = [f"prompt_{i:05d}" for i in range(len(prompts))]
+        items = self._manifest["items"]
+        todo = []
+        for i, (prompt, k) in enumerate(zip(prompts, keys, strict=True)):
+            if self._existing(writer, k, settings) and (self.out / f"{k}.png").exists():
+                items.append({"input": prompt, "key": k, "status": "skipped"})
+            else:
+                todo.append((i, prompt, k))
+        with self._progress() as bar:
+            task = bar.add_task("generating", total=len(todo))
+            for start in range(0, len(todo), self.batch_size):
+                chunk = todo[start : start + self.batch_size]
+                writer.begin_batch([k for _i, _p, k in chunk], [{"prompt": p} for _i, p, _k in chunk])
+                images = ex.run_prompts([p for _i, p, _k in chunk], writer, first_index=chunk[0][0])
+                for (_i, prompt, k), img in zip(chunk, images, strict=True):
+                    arr = (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+                    png = self.out / f"{k}.png"
+                    tmp = png.with_name(f".{png.name}.tmp")
+                    Image.fromarray(arr).save(tmp, format="PNG")
+                    os.replace(tmp, png)
+                for path, (_i, prompt, k) in zip(writer.end_batch(), chunk, strict=True):
+                    items.append(
+                        {"input": prompt, "key": k, "file": path.name, "image": f"{k}.png",
+                         "status": "ok"}
+                    )
+                self._save_manifest()
+                bar.advance(task, len(chunk))
+        self._save_manifest()
+        return self._summary()

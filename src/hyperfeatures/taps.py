@@ -1,0 +1,492 @@
+"""Taps: capture any activation of a diffusion UNet by name, with removable forward hooks.
+
+Naming (DESIGN.md): a tap is the module path as ``unet.named_modules()`` prints it, plus an
+optional ``:part`` for a value inside a module.
+
+====================================================  =========================================
+tap                                                   value, as a map ``(B, C, h, w)``
+====================================================  =========================================
+``up_blocks.1.resnets.0``                             residual branch of a ResNet block after
+                                                      ``conv2``, before the shortcut add (paper
+                                                      "Layer 4"; REFERENCE 2)
+``up_blocks.1.resnets.0:out``                         the ResNet block's output
+``up_blocks.1.attentions.0``                          output of the spatial transformer
+``...attentions.0.transformer_blocks.0``              output of one transformer block
+``...transformer_blocks.0.attn1:q`` / ``:k`` / ``:v`` self-attention query / key / value
+                                                      (heads concatenated)
+``...transformer_blocks.0.attn1``                     self-attention output (after ``to_out``)
+``...transformer_blocks.0.attn2:q``                   cross-attention query
+``...transformer_blocks.0.attn2``                     cross-attention output
+``...transformer_blocks.0.ff``                        feed-forward output
+``up_blocks.0.upsamplers.0``                          upsampler output
+``down_blocks.0.downsamplers.0``                      downsampler output
+====================================================  =========================================
+
+Cross-attention keys and values are computed from the text tokens, not from pixels, so they
+are not maps and are not taps. Token-shaped values ``(B, h*w, C)`` are returned as maps
+``(B, C, h, w)`` using the spatial size of the enclosing transformer's input.
+
+Two public calls do the job: :func:`list_taps` lists valid names with channels and sizes,
+:func:`capture` takes names (a list, a ``{path: alias}`` dict or a preset name) and returns
+the captured maps keyed the same way. Hooks never change the model's outputs, and leaving the
+``with`` block removes them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PRESETS",
+    "Capture",
+    "TapError",
+    "TapInfo",
+    "capture",
+    "list_taps",
+    "resolve_taps",
+    "tap_names",
+]
+
+TapSink = Callable[[int, str, torch.Tensor], None]
+
+
+class TapError(ValueError):
+    """An unknown or unusable tap name."""
+
+
+@dataclass(frozen=True)
+class TapInfo:
+    """Metadata of one tap, for sizing consumers (aggregation networks, caches).
+
+    Attributes:
+        name: tap name (``"up_blocks.1.resnets.0"``).
+        kind: ``resnet | resnet-out | transformer | block | attn-q | attn-k | attn-v |
+            attn-out | cross-q | cross-out | ff | upsampler | downsampler``.
+        channels: channels C of the map.
+        size: ``(h, w)`` of the map for the probed latent size (``None`` before probing).
+        stride: latent pixels per map pixel (``None`` before probing).
+    """
+
+    name: str
+    kind: str
+    channels: int
+    size: tuple[int, int] | None = None
+    stride: int | None = None
+
+    @property
+    def module(self) -> str:
+        return self.name.split(":", 1)[0]
+
+    @property
+    def part(self) -> str | None:
+        return self.name.split(":", 1)[1] if ":" in self.name else None
+
+
+# --------------------------------------------------------------------------- catalogue
+def _class_name(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+_SECTION_ORDER = {"conv_in": 0, "down_blocks": 1, "mid_block": 2, "up_blocks": 3}
+_CHILD_ORDER = {"resnets": 0, "attentions": 1, "upsamplers": 2, "downsamplers": 2}
+_LEAF_ORDER = {"attn1": 1, "attn2": 2, "ff": 3}
+
+
+def _execution_key(name: str) -> tuple[int, ...]:
+    """Sort key that follows the UNet's execution order (resnet j, attention j, sampler)."""
+    path, _, part = name.partition(":")
+    parts = path.split(".")
+    key: list[int] = [_SECTION_ORDER.get(parts[0], 9)]
+    rest = parts[1:]
+    if parts[0] != "mid_block" and rest and rest[0].isdigit():
+        key.append(int(rest[0]))
+        rest = rest[1:]
+    if len(rest) >= 2 and rest[0] in _CHILD_ORDER:
+        index = 99 if rest[0].endswith("samplers") else int(rest[1])
+        key += [index, _CHILD_ORDER[rest[0]]]
+        rest = rest[2:]
+    for token in rest:
+        key.append(int(token) if token.isdigit() else _LEAF_ORDER.get(token, 0))
+    # children of a module run before the module's own output is complete
+    key += [50] * (8 - len(key)) if len(key) < 8 else []
+    key.append({"": 0, "q": -3, "k": -2, "v": -1, "out": 1}.get(part, 0))
+    return tuple(key)
+
+
+def _catalogue(unet: nn.Module) -> dict[str, tuple[str, int]]:
+    """``{tap name: (kind, channels)}`` in execution order, from the module tree alone."""
+    found: dict[str, tuple[str, int]] = {}
+    for path, module in unet.named_modules():
+        cls = _class_name(module)
+        if cls == "ResnetBlock2D":
+            found[path] = ("resnet", module.conv2.out_channels)
+            found[f"{path}:out"] = ("resnet-out", module.conv2.out_channels)
+        elif cls in {"Transformer2DModel", "DualTransformer2DModel"}:
+            found[path] = ("transformer", _transformer_channels(module))
+        elif cls == "BasicTransformerBlock":
+            found[path] = ("block", module.norm1.normalized_shape[0])
+            for sub in ("attn1", "attn2"):
+                attn = getattr(module, sub, None)
+                if attn is None:
+                    continue
+                out_dim = attn.to_out[0].out_features
+                found[f"{path}.{sub}"] = (
+                    "cross-out" if attn.is_cross_attention else "attn-out",
+                    out_dim,
+                )
+                found[f"{path}.{sub}:q"] = (
+                    "cross-q" if attn.is_cross_attention else "attn-q",
+                    attn.to_q.out_features,
+                )
+                if not attn.is_cross_attention:
+                    found[f"{path}.{sub}:k"] = ("attn-k", attn.to_k.out_features)
+                    found[f"{path}.{sub}:v"] = ("attn-v", attn.to_v.out_features)
+            if getattr(module, "ff", None) is not None:
+                found[f"{path}.ff"] = ("ff", module.norm1.normalized_shape[0])
+        elif cls == "Upsample2D":
+            found[path] = ("upsampler", module.out_channels)
+        elif cls == "Downsample2D":
+            found[path] = ("downsampler", module.out_channels)
+    return dict(sorted(found.items(), key=lambda kv: _execution_key(kv[0])))
+
+
+def _transformer_channels(module: nn.Module) -> int:
+    return int(getattr(module, "in_channels", None) or module.config.in_channels)
+
+
+def tap_names(unet: nn.Module) -> list[str]:
+    """All valid tap names of ``unet`` in execution order (no forward pass needed)."""
+    return list(_catalogue(unet))
+
+
+def list_taps(
+    unet: nn.Module, latent_size: int | tuple[int, int] | None = None
+) -> list[TapInfo]:
+    """Every tap of ``unet`` with channels and map size for a latent of ``latent_size``.
+
+    The sizes come from one forward pass of a weight-less copy of the model on the ``meta``
+    device: instant, no memory, no weights needed.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel``.
+        latent_size: latent ``h`` (or ``(h, w)``); default the model's ``sample_size``.
+    """
+    cfg = unet.config
+    if latent_size is None:
+        latent_size = int(cfg.sample_size)
+    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
+    catalogue = _catalogue(unet)
+    with torch.device("meta"):
+        probe = type(unet).from_config(cfg)
+    shapes: dict[str, tuple[int, int]] = {}
+    sample = torch.zeros(1, cfg.in_channels, h, w, device="meta")
+    kwargs = _dummy_conditioning(cfg, batch=1, device="meta")
+    with capture(probe, list(catalogue), sink=lambda _s, tap, x: shapes.__setitem__(tap, x.shape[-2:])):
+        probe(sample, torch.zeros(1, device="meta"), **kwargs)
+    return [
+        TapInfo(name, kind, ch, tuple(shapes[name]), h // shapes[name][0])  # type: ignore[arg-type]
+        for name, (kind, ch) in catalogue.items()
+    ]
+
+
+def _dummy_conditioning(cfg: Any, *, batch: int, device: str | torch.device) -> dict[str, Any]:
+    dim = cfg.cross_attention_dim
+    dim = dim[0] if isinstance(dim, list | tuple) else dim
+    kwargs: dict[str, Any] = {
+        "encoder_hidden_states": torch.zeros(batch, 77, dim, device=device)
+    }
+    if cfg.get("addition_embed_type") == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.zeros(batch, pooled, device=device),
+            "time_ids": torch.zeros(batch, 6, device=device),
+        }
+    return kwargs
+
+
+# --------------------------------------------------------------------------- presets
+def _decoder(names: Iterable[str], kinds: set[str]) -> list[str]:
+    return [n for n, (k, _c) in names if n.startswith("up_blocks.") and k in kinds]  # type: ignore[misc]
+
+
+_ATTENTION_KINDS = {
+    "attn-q",
+    "attn-k",
+    "attn-v",
+    "attn-out",
+    "cross-q",
+    "cross-out",
+    "ff",
+    "block",
+}
+
+
+def _preset_dhf(cat: Mapping[str, tuple[str, int]]) -> list[str]:
+    return _decoder(cat.items(), {"resnet"})
+
+
+def _preset_layer4(cat: Mapping[str, tuple[str, int]]) -> list[str]:
+    return _preset_dhf(cat)[3:4]
+
+
+def _preset_attention(cat: Mapping[str, tuple[str, int]]) -> list[str]:
+    return _decoder(cat.items(), _ATTENTION_KINDS)
+
+
+def _preset_extended(cat: Mapping[str, tuple[str, int]]) -> list[str]:
+    kinds = {"resnet", "transformer", "upsampler"} | _ATTENTION_KINDS
+    return _decoder(cat.items(), kinds)
+
+
+PRESETS: dict[str, tuple[Callable[[Mapping[str, tuple[str, int]]], list[str]], str]] = {
+    "dhf": (_preset_dhf, "the paper's layers: residual branch of every decoder ResNet block"),
+    "layer-4": (_preset_layer4, "paper Layer 4 alone (the 4th decoder ResNet block)"),
+    "concat-all": (_preset_dhf, "the same decoder ResNet layers, for the SD-Concat-All baseline"),
+    "attention": (
+        _preset_attention,
+        "decoder transformer internals: self-attn q/k/v/out, cross-attn q/out, ff, block out",
+    ),
+    "extended": (
+        _preset_extended,
+        "Meng et al.-style candidate set: dhf + transformer outputs + attention internals + "
+        "upsamplers of the decoder",
+    ),
+}
+
+
+def resolve_taps(
+    unet: nn.Module, taps: str | Sequence[str] | Mapping[str, str]
+) -> dict[str, str]:
+    """Validate tap names and return ``{tap name: alias}`` in the order given.
+
+    Args:
+        taps: a preset name (``"dhf"``, ``"layer-4"``, ``"concat-all"``, ``"attention"``,
+            ``"extended"``), a list of names (presets may appear in the list and expand in
+            place), or a ``{name: alias}`` dict.
+
+    Raises:
+        TapError: unknown name, with the close matches and how to list the valid ones.
+    """
+    catalogue = _catalogue(unet)
+    if isinstance(taps, str):
+        taps = [taps]
+    pairs: list[tuple[str, str]] = []
+    items = taps.items() if isinstance(taps, Mapping) else ((t, t) for t in taps)
+    for name, alias in items:
+        if name in PRESETS and name not in catalogue:
+            expanded = PRESETS[name][0](catalogue)
+            if not expanded:
+                raise TapError(
+                    f"preset {name!r} selects no tap in {type(unet).__name__} (no decoder "
+                    "layers of that kind); run `hyperfeatures layers --model ...` to choose taps"
+                )
+            pairs.extend((n, n) for n in expanded)
+        elif name in catalogue:
+            pairs.append((name, alias))
+        else:
+            raise TapError(_unknown_message(unet, name, catalogue))
+    resolved: dict[str, str] = {}
+    for name, alias in pairs:
+        if name in resolved:
+            continue
+        if alias in resolved.values():
+            raise TapError(f"alias {alias!r} is used twice; give each tap its own alias")
+        resolved[name] = alias
+    return resolved
+
+
+def _unknown_message(unet: nn.Module, name: str, catalogue: Mapping[str, Any]) -> str:
+    close = difflib.get_close_matches(name, list(catalogue), n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    module = name.split(":", 1)[0]
+    extra = ""
+    if ":" in name and module in dict(unet.named_modules()):
+        parts = sorted(n.split(":", 1)[1] for n in catalogue if n.startswith(module + ":"))
+        extra = f" Parts of {module!r}: {parts or 'none'}."
+    return (
+        f"tap {name!r} is not in {type(unet).__name__}.{hint}{extra} Presets: "
+        f"{', '.join(PRESETS)}. Run `hyperfeatures layers --model <name>` or "
+        "`hyperfeatures.taps.list_taps(unet)` to list the valid taps."
+    )
+
+
+# --------------------------------------------------------------------------- capture
+class Capture:
+    """Forward hooks on a UNet that emit ``(step, alias, map)`` events.
+
+    Use through :func:`capture`. While active, every call of the UNet emits one event per tap
+    to ``sink`` (if given) or stores the latest map in :attr:`maps` (``{alias: (B, C, h, w)}``).
+
+    Attributes:
+        step: the diffusion step attached to the next events (set by the diffusion loop).
+        active: when False the hooks do nothing (steps nobody needs).
+        batch_slice: part of the UNet batch that is emitted (e.g. the conditional half of a
+            classifier-free-guidance batch); ``None`` = everything.
+        maps: latest captured map per alias (only when no sink was given).
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        taps: str | Sequence[str] | Mapping[str, str],
+        sink: TapSink | None = None,
+        *,
+        detach: bool = True,
+    ) -> None:
+        self.unet = unet
+        self.taps = resolve_taps(unet, taps)
+        self.sink = sink
+        self.detach = detach
+        self.step = 0
+        self.active = True
+        self.batch_slice: slice | None = None
+        self.maps: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._grid: dict[str, tuple[int, int]] = {}
+        self._fired: set[str] = set()
+
+    # -- context management
+    def __enter__(self) -> Capture:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        modules = dict(self.unet.named_modules())
+        transformers = {
+            p for p, m in modules.items() if _class_name(m) in {"Transformer2DModel"}
+        }
+        needed_grids: set[str] = set()
+        try:
+            for name, alias in self.taps.items():
+                path, _, part = name.partition(":")
+                module = modules[path]
+                kind = _class_name(module)
+                grid = _enclosing(path, transformers)
+                if kind == "ResnetBlock2D" and not part:
+                    target, fn = module.conv2, self._emit_map(name, alias)
+                elif kind == "Attention" and part in {"q", "k", "v"}:
+                    target = getattr(module, f"to_{part}")
+                    fn = self._emit_tokens(name, alias, grid)
+                    needed_grids.add(grid)
+                elif grid is not None and kind != "Transformer2DModel":
+                    target, fn = module, self._emit_tokens(name, alias, grid)
+                    needed_grids.add(grid)
+                else:
+                    target, fn = module, self._emit_map(name, alias)
+                self._handles.append(target.register_forward_hook(fn))
+            for grid in needed_grids:
+                self._handles.append(
+                    modules[grid].register_forward_pre_hook(self._record_grid(grid), with_kwargs=True)
+                )
+        except Exception:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- per-call bookkeeping used by the diffusion loop
+    def begin_call(self, step: int, *, active: bool = True) -> None:
+        self.step = step
+        self.active = active
+        self._fired.clear()
+
+    def end_call(self) -> None:
+        """Raise if a tap did not fire during the last active call."""
+        if not self.active:
+            return
+        missing = [n for n in self.taps if n not in self._fired]
+        if missing:
+            raise TapError(
+                f"taps {missing} did not fire during the UNet call: the model's forward does "
+                "not run those modules (for q/k/v: fused attention projections or a custom "
+                "attention processor that bypasses to_q/to_k/to_v)"
+            )
+
+    # -- hooks
+    def _record_grid(self, path: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["hidden_states"]
+            self._grid[path] = (int(x.shape[-2]), int(x.shape[-1]))
+
+        return hook
+
+    def _emit(self, name: str, alias: str, value: torch.Tensor) -> None:
+        self._fired.add(name)
+        if self.batch_slice is not None:
+            value = value[self.batch_slice]
+        if self.detach:
+            value = value.detach()
+        if self.sink is not None:
+            self.sink(self.step, alias, value)
+        else:
+            self.maps[alias] = value
+
+    def _emit_map(self, name: str, alias: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not self.active:
+                return
+            value = output if torch.is_tensor(output) else output[0]
+            self._emit(name, alias, value)
+
+        return hook
+
+    def _emit_tokens(self, name: str, alias: str, grid: str | None) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not self.active:
+                return
+            tokens = output if torch.is_tensor(output) else output[0]
+            h, w = self._grid[grid]  # type: ignore[index]
+            b, n, c = tokens.shape
+            if n != h * w:
+                raise TapError(f"tap {name!r}: {n} tokens do not form the {h}x{w} grid")
+            self._emit(name, alias, tokens.transpose(1, 2).reshape(b, c, h, w))
+
+        return hook
+
+
+def _enclosing(path: str, transformers: set[str]) -> str | None:
+    best = None
+    for t in transformers:
+        if path.startswith(t + ".") and (best is None or len(t) > len(best)):
+            best = t
+    return best
+
+
+def capture(
+    unet: nn.Module,
+    taps: str | Sequence[str] | Mapping[str, str],
+    sink: TapSink | None = None,
+    *,
+    detach: bool = True,
+) -> Capture:
+    """Capture activations of ``unet`` by name; use as a context manager.
+
+    Example::
+
+        with capture(unet, ["up_blocks.1.resnets.0", "mid_block.attentions.0"]) as cap:
+            unet(latents, t, encoder_hidden_states=text)
+        cap.maps["up_blocks.1.resnets.0"]  # (B, 1280, 16, 16) for SD 1.5 at 512 px
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (any module tree with the same blocks).
+        taps: names, ``{name: alias}``, or a preset (see :data:`PRESETS`).
+        sink: called as ``sink(step, alias, map)`` for every tap at every call; default: keep
+            the latest map per alias in ``.maps``.
+        detach: detach captured tensors from the autograd graph.
+    """
+    return Capture(unet, taps, sink, detach=detach)
