@@ -252,9 +252,12 @@ class Conditioning:
         added = None
         if self.added_cond_kwargs is not None and other.added_cond_kwargs is not None:
             added = {
-                k: torch.cat([v, other.added_cond_kwargs[k]]) for k, v in self.added_cond_kwargs.items()
+                k: torch.cat([v, other.added_cond_kwargs[k]])
+                for k, v in self.added_cond_kwargs.items()
             }
-        return Conditioning(torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), added)
+        return Conditioning(
+            torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), added
+        )
 
     def repeat(self, n: int) -> Conditioning:
         """Repeat a batch-1 conditioning ``n`` times along the batch."""
@@ -447,9 +450,7 @@ def load_backbone(
     elif spec is not None:
         assert spec.hub_id is not None
         source = spec.hub_id
-    elif Path(key).exists():
-        source = key
-    elif "/" in key and not key.startswith((".", "/")):
+    elif Path(key).exists() or ("/" in key and not key.startswith((".", "/"))):
         source = key
     else:
         known = ", ".join(BACKBONES)
@@ -510,9 +511,7 @@ def _load_pretrained(
     kwargs: dict[str, Any] = {"local_files_only": _offline()}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-        family: Family = (
-            "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
-        )
+        family: Family = "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
         vae_dtype = torch.float32 if family == "sdxl" else dtype
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
         tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
@@ -531,9 +530,7 @@ def _load_pretrained(
         scheduler_config = _read_scheduler_config(source, kwargs)
     except (OSError, ValueError) as err:  # hub/cache/file errors are OSError subclasses
         raise _not_found(name, source, err) from err
-    image_size = (
-        spec.image_size if spec is not None else int(vae.config.get("sample_size", 512))
-    )
+    image_size = spec.image_size if spec is not None else int(vae.config.get("sample_size", 512))
     prediction = scheduler_config.get("prediction_type", "epsilon")
     return _assemble(
         name,

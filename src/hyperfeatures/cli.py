@@ -28,7 +28,9 @@ err_console = Console(stderr=True)
 ModelOpt = Annotated[
     str,
     typer.Option(
-        "--model", "-m", help="Backbone: sd15, sd21, sdxl, tiny-sd, tiny-sdxl, a hub id or a folder."
+        "--model",
+        "-m",
+        help="Backbone: sd15, sd21, sdxl, tiny-sd, tiny-sdxl, a hub id or a folder.",
     ),
 ]
 ModelPathOpt = Annotated[

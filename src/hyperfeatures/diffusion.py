@@ -40,8 +40,8 @@ __all__ = [
     "ddim_move",
     "generate",
     "generation_timesteps",
-    "invert",
     "inversion_timesteps",
+    "invert",
     "parse_steps",
     "to_epsilon",
 ]
@@ -179,9 +179,7 @@ def parse_steps(spec: str | int | Iterable[int] | None, num_steps: int) -> list[
 
 
 # --------------------------------------------------------------------------- loops
-def _call_unet(
-    unet: nn.Module, x: torch.Tensor, t: int, cond: Conditioning
-) -> torch.Tensor:
+def _call_unet(unet: nn.Module, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
     dtype = next(unet.parameters()).dtype
     timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
     out = unet(x.to(dtype), timesteps, **cond.unet_kwargs(), return_dict=False)[0]

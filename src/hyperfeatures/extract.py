@@ -209,7 +209,9 @@ class ExtractJob:
                     except ImageLoadError as err:
                         if self.strict:
                             raise
-                        items.append({"input": str(p), "key": k, "status": "failed", "error": str(err)})
+                        items.append(
+                            {"input": str(p), "key": k, "status": "failed", "error": str(err)}
+                        )
                         continue
                     images.append(img)
                     ok.append((i, p, k, img.size))
@@ -221,8 +223,13 @@ class ExtractJob:
                     ex.run_images(images, writer, first_index=ok[0][0])
                     for path, (_i, p, k, s) in zip(writer.end_batch(), ok, strict=True):
                         items.append(
-                            {"input": str(p), "key": k, "file": path.name, "status": "ok",
-                             "original_size": list(s)}
+                            {
+                                "input": str(p),
+                                "key": k,
+                                "file": path.name,
+                                "status": "ok",
+                                "original_size": list(s),
+                            }
                         )
                 self._save_manifest()
                 bar.advance(task, len(chunk))
@@ -252,7 +259,9 @@ class ExtractJob:
             task = bar.add_task("generating", total=len(todo))
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                writer.begin_batch([k for _i, _p, k in chunk], [{"prompt": p} for _i, p, _k in chunk])
+                writer.begin_batch(
+                    [k for _i, _p, k in chunk], [{"prompt": p} for _i, p, _k in chunk]
+                )
                 images = ex.run_prompts([p for _i, p, _k in chunk], writer, first_index=chunk[0][0])
                 for (_i, prompt, k), img in zip(chunk, images, strict=True):
                     arr = (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
@@ -262,8 +271,13 @@ class ExtractJob:
                     os.replace(tmp, png)
                 for path, (_i, prompt, k) in zip(writer.end_batch(), chunk, strict=True):
                     items.append(
-                        {"input": prompt, "key": k, "file": path.name, "image": f"{k}.png",
-                         "status": "ok"}
+                        {
+                            "input": prompt,
+                            "key": k,
+                            "file": path.name,
+                            "image": f"{k}.png",
+                            "status": "ok",
+                        }
                     )
                 self._save_manifest()
                 bar.advance(task, len(chunk))

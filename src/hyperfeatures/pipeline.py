@@ -23,7 +23,14 @@ from .diffusion import capture_steps_hooks, generate, invert, parse_steps, sched
 from .sinks import KeepAll
 from .taps import TapInfo, capture, list_taps, resolve_taps
 
-__all__ = ["ExtractionConfig", "FeatureExtractor", "ImageInput", "preprocess_images"]
+__all__ = [
+    "ExtractionConfig",
+    "FeatureExtractor",
+    "HyperfeaturePipeline",
+    "ImageInput",
+    "preprocess_images",
+    "untrained_network",
+]
 
 ImageInput = Image.Image | torch.Tensor | Sequence[Image.Image]
 
@@ -327,3 +334,289 @@ class FeatureExtractor:
 def taps_summary(infos: Sequence[TapInfo]) -> Mapping[str, int]:
     """``{tap: channels}`` of a list of tap infos."""
     return {i.name: i.channels for i in infos}
+
+
+# =========================================================================== hyperfeatures
+def _subset_network(network: Any, steps: Sequence[int]) -> Any:
+    """A view of ``network`` restricted to ``steps`` (shared bottlenecks; the kept mixing
+    logits are re-softmaxed, i.e. their weights renormalised to sum to one)."""
+    from .aggregation import AggregationNetwork
+
+    keep = [network.step_index(s) for s in steps]
+    sub = AggregationNetwork(**{**network.config, "steps": list(steps)})
+    sub.bottleneck_layers = network.bottleneck_layers
+    L = network.num_layers
+    with torch.no_grad():
+        w = network.mixing_weights.detach().view(network.num_steps, L)[keep].reshape(-1)
+        sub.mixing_weights = torch.nn.Parameter(w.clone())
+    return sub.to(network.mixing_weights.device).eval()
+
+
+class HyperfeaturePipeline:
+    """Diffusion hyperfeatures in one call: images -> descriptor maps ``(B, P, 64, 64)``.
+
+    Wires a backbone, DDIM inversion (or generation), the aggregation network's taps and
+    steps, and a :class:`~hyperfeatures.sinks.StreamingAggregator`, so no (step, layer) map
+    is held longer than its bottleneck needs.
+
+    Example::
+
+        pipe = HyperfeaturePipeline.from_pretrained(backbone="sd15", aggregator="dhf-sd15.pt")
+        desc = pipe([img_a, img_b], load_size=224)      # (2, 384, 64, 64)
+
+    Args:
+        backbone: a loaded backbone.
+        network: an :class:`~hyperfeatures.aggregation.AggregationNetwork`; its config holds
+            the diffusion settings (T, steps, taps) used here.
+        image_size: VAE input size (default the backbone's, 512 for SD 1.x/2.x).
+        first_k: pruned variant: stop the inversion after the first ``k`` steps and mix
+            only the network's steps below ``k`` (weights renormalised).
+        top1: pruned variant: use only the (step, layer) pair of largest mixing weight,
+            ``"raw"`` (its map resized to the output size; C_l channels) or ``"bottleneck"``
+            (after its bottleneck; P channels).
+        posterior, seed, prompt, guidance_scale, negative_prompt: as in
+            :class:`ExtractionConfig`.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        network: Any,
+        *,
+        image_size: int | None = None,
+        first_k: int | None = None,
+        top1: Literal["raw", "bottleneck"] | None = None,
+        posterior: Literal["mean", "sample"] = "mean",
+        seed: int = 0,
+        prompt: str = "",
+        guidance_scale: float = 7.5,
+        negative_prompt: str = "",
+    ) -> None:
+        from .aggregation import check_compatible
+
+        if first_k is not None and top1 is not None:
+            raise ValueError("choose one pruning: first_k or top1")
+        self.backbone = backbone
+        self.full_network = network.to(backbone.device).eval()
+        network = self.full_network
+        self.top1 = top1
+        self.top1_pair: tuple[int, str] | None = None
+        if first_k is not None:
+            kept = [s for s in network.steps if s < first_k]
+            if not kept:
+                raise ValueError(
+                    f"first_k={first_k} keeps none of the network's steps {list(network.steps)}"
+                )
+            network = _subset_network(network, kept)
+        if top1 is not None:
+            if top1 not in ("raw", "bottleneck"):
+                raise ValueError(f"top1 must be 'raw' or 'bottleneck', got {top1!r}")
+            matrix = network.mixing_matrix().detach()
+            s_idx, l_idx = divmod(int(matrix.argmax()), network.num_layers)
+            self.top1_pair = (network.steps[s_idx], network.taps[l_idx])
+        self.network = network
+        steps = [self.top1_pair[0]] if self.top1_pair else list(network.steps)
+        taps = [self.top1_pair[1]] if self.top1_pair else list(network.taps)
+        self.extractor = FeatureExtractor(
+            backbone,
+            taps=taps,
+            num_steps=network.num_inference_steps,
+            steps=steps,
+            image_size=image_size,
+            posterior=posterior,
+            seed=seed,
+            prompt=prompt,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+        )
+        check_compatible(self.full_network, list_taps(backbone.unet, self.extractor.latent_size))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        backbone: str | Backbone | None = None,
+        aggregator: Any = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        model_path: str | None = None,
+        taps: str | list[str] = "dhf",
+        num_steps: int = 50,
+        steps: str | list[int] = "every:5",
+        projection_dim: int = 384,
+        seed: int = 0,
+        **kwargs: Any,
+    ) -> HyperfeaturePipeline:
+        """Load a backbone and an aggregation network.
+
+        Args:
+            backbone: registry name / hub id / folder or a loaded backbone; default: the
+                backbone named by the aggregator's config.
+            aggregator: a folder written by ``save_pretrained``, a Hub repository id, an
+                official ``.pt`` checkpoint, an ``AggregationNetwork``, or ``None`` for an
+                UNTRAINED network (seeded; a warning is issued) over ``taps`` x ``steps`` of a
+                ``num_steps`` run, sized from the backbone's taps.
+            device, dtype, model_path: passed to :func:`~hyperfeatures.backbones.load_backbone`.
+            kwargs: pipeline options (``image_size``, ``first_k``, ``top1``, ``posterior``...).
+        """
+        import warnings
+        from pathlib import Path
+
+        from .aggregation import AggregationNetwork, load_official_checkpoint
+
+        network = None
+        if isinstance(aggregator, AggregationNetwork):
+            network = aggregator
+        elif aggregator is not None:
+            path = Path(str(aggregator)).expanduser()
+            if path.is_file():
+                network = load_official_checkpoint(path)
+            else:
+                network = AggregationNetwork.from_pretrained(str(aggregator))
+        if backbone is None:
+            if network is None or not network.backbone:
+                raise ValueError(
+                    "name a backbone (e.g. backbone='sd15'): the aggregator does not say which "
+                    "diffusion model it was trained on"
+                )
+            backbone = network.backbone
+        if not isinstance(backbone, Backbone):
+            backbone = load_backbone(backbone, device=device, dtype=dtype, model_path=model_path)
+        if network is None:
+            warnings.warn(
+                "no aggregator given: using an UNTRAINED aggregation network (random bottlenecks,"
+                " uniform mixing weights); pass aggregator=PATH for meaningful descriptors",
+                stacklevel=2,
+            )
+            network = untrained_network(
+                backbone,
+                taps=taps,
+                num_steps=num_steps,
+                steps=steps,
+                projection_dim=projection_dim,
+                seed=seed,
+                image_size=kwargs.get("image_size"),
+            )
+        return cls(backbone, network, seed=seed, **kwargs)
+
+    # ------------------------------------------------------------------ running
+    @property
+    def output_channels(self) -> int:
+        if self.top1 == "raw":
+            assert self.top1_pair is not None
+            return self.network.channels[self.network.tap_index(self.top1_pair[1])]
+        return int(self.network.projection_dim)
+
+    def _sink(self) -> Any:
+        from .sinks import StreamingAggregator
+
+        if self.top1_pair is None:
+            return StreamingAggregator(self.network)
+        return _Top1Sink(self.network, self.top1_pair, raw=self.top1 == "raw")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: ImageInput,
+        *,
+        load_size: int | None = 224,
+        batch_size: int = 8,
+    ) -> torch.Tensor:
+        """Descriptor maps of real images (DDIM inversion features).
+
+        Args:
+            images: PIL image(s) or a ``(B, 3, H, W)`` tensor in ``[0, 1]``.
+            load_size: images are resized to this first (REFERENCE 5: 224 at test time, 64
+                in training), then upsampled to the VAE size; ``None`` resizes directly.
+            batch_size: images per diffusion run.
+
+        Returns:
+            ``(B, P, 64, 64)`` float32 descriptors (P = 384; C_l for ``top1="raw"``).
+        """
+        if isinstance(images, Image.Image):
+            images = [images]
+        n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+        self.extractor.config.load_size = load_size
+        outs = []
+        for start in range(0, n, batch_size):
+            batch = images[start : start + batch_size]
+            sink = self._sink()
+            self.extractor.run_images(batch, sink, first_index=start)
+            outs.append(sink.result().float())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[str], *, batch_size: int = 8
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generate images for ``prompts`` and their descriptors from generation features
+        with the same network (steps are named on the noise axis, so no flag is needed).
+
+        Returns:
+            ``(images (B, 3, S, S) in [0, 1], descriptors (B, P, 64, 64))``.
+        """
+        prompts = list(prompts)
+        images, descs = [], []
+        for start in range(0, len(prompts), batch_size):
+            sink = self._sink()
+            images.append(
+                self.extractor.run_prompts(
+                    prompts[start : start + batch_size], sink, first_index=start
+                )
+            )
+            descs.append(sink.result().float())
+        return torch.cat(images), torch.cat(descs)
+
+
+class _Top1Sink:
+    """Descriptor from the single (step, tap) of largest mixing weight."""
+
+    def __init__(self, network: Any, pair: tuple[int, str], *, raw: bool) -> None:
+        self.network, self.pair, self.raw = network, pair, raw
+        self._out: torch.Tensor | None = None
+
+    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+        if (step, tap) != self.pair:
+            return
+        if self.raw:
+            from .sinks import resize_map
+
+            self._out = resize_map(tensor.float(), self.network.output_size)
+        else:
+            self._out = self.network.project(tap, tensor)
+
+    def result(self) -> torch.Tensor:
+        if self._out is None:
+            raise ValueError(f"the map of {self.pair} never arrived")
+        return self._out
+
+
+def untrained_network(
+    backbone: Backbone,
+    *,
+    taps: str | list[str] = "dhf",
+    num_steps: int = 50,
+    steps: str | list[int] = "every:5",
+    projection_dim: int = 384,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> Any:
+    """A freshly initialised (seeded) aggregation network sized from the backbone's taps."""
+    from .aggregation import AggregationNetwork
+
+    ex = FeatureExtractor(
+        backbone, taps=taps, num_steps=num_steps, steps=steps, image_size=image_size
+    )
+    infos = ex.tap_info()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = AggregationNetwork(
+            taps=[i.name for i in infos],
+            channels=[i.channels for i in infos],
+            steps=ex.steps,
+            projection_dim=projection_dim,
+            num_inference_steps=num_steps,
+            backbone=backbone.name,
+        )
+    return net.to(backbone.device).eval()

@@ -8,8 +8,8 @@ everything that consumes them is a sink, a callable ``sink(step, tap, tensor)`` 
 - :class:`KeepAll` keeps every map (optionally resized), ``maps[step][tap]``.
 - :class:`DiskWriter` writes one safetensors file per image, atomically.
 - :class:`Fanout` sends each event to several sinks.
-- ``StreamingAggregator`` (aggregation of hyperfeatures, memory of one descriptor) lives
-  beside the aggregation network.
+- :class:`StreamingAggregator` folds each map into the running weighted sum of an
+  aggregation network as it arrives: the memory of one descriptor, not of L x S maps.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "Fanout",
     "KeepAll",
     "Sink",
+    "StreamingAggregator",
     "feature_key",
     "read_feature_file",
     "resize_map",
@@ -121,6 +122,62 @@ class Fanout:
 
     def end_batch(self) -> Any:
         return [s.end_batch() for s in self.sinks if hasattr(s, "end_batch")]
+
+
+class StreamingAggregator:
+    """Hyperfeature descriptors computed on the fly from tap events.
+
+    Each ``(step, tap, map)`` is folded into ``sum_{s,l} softmax(w)[s, l] * B_l(resize(map))``
+    as it arrives and released, so peak memory holds one descriptor ``(B, P, 64, 64)`` plus
+    one bottleneck activation, whatever the number of steps and layers.
+
+    Args:
+        network: an :class:`~hyperfeatures.aggregation.AggregationNetwork`.
+        strict: raise on events the network does not mix (else ignore them).
+
+    After a run, :meth:`result` returns the descriptor map and checks that every
+    ``(step, tap)`` pair of the network arrived exactly once.
+    """
+
+    def __init__(self, network: Any, *, strict: bool = True) -> None:
+        self.network = network
+        self.strict = strict
+        self._pairs = {(s, t) for s in network.steps for t in network.taps}
+        self._sum: torch.Tensor | None = None
+        self._seen: set[tuple[int, str]] = set()
+
+    def reset(self) -> None:
+        self._sum = None
+        self._seen = set()
+
+    def begin_batch(self, _keys: Sequence[str] | None = None) -> None:
+        self.reset()
+
+    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+        key = (step, tap)
+        if key not in self._pairs:
+            if self.strict:
+                raise ValueError(
+                    f"the aggregation network does not mix step {step} of tap {tap!r}; it "
+                    f"mixes steps {list(self.network.steps)} of taps {list(self.network.taps)}"
+                )
+            return
+        if key in self._seen:
+            raise ValueError(f"step {step} of tap {tap!r} arrived twice; call reset() first")
+        with torch.no_grad():
+            term = self.network.contribution(step, tap, tensor)
+        self._sum = term if self._sum is None else self._sum.add_(term)
+        self._seen.add(key)
+
+    def result(self) -> torch.Tensor:
+        """The descriptor map ``(B, P, out, out)`` of the events received since the reset."""
+        missing = self._pairs - self._seen
+        if missing or self._sum is None:
+            raise ValueError(
+                f"{len(missing)} (step, tap) maps never arrived, e.g. {sorted(missing)[:3]}; "
+                "run the diffusion with the network's steps and taps"
+            )
+        return self._sum
 
 
 def feature_key(step: int, tap: str) -> str:

@@ -165,9 +165,7 @@ def tap_names(unet: nn.Module) -> list[str]:
     return list(_catalogue(unet))
 
 
-def list_taps(
-    unet: nn.Module, latent_size: int | tuple[int, int] | None = None
-) -> list[TapInfo]:
+def list_taps(unet: nn.Module, latent_size: int | tuple[int, int] | None = None) -> list[TapInfo]:
     """Every tap of ``unet`` with channels and map size for a latent of ``latent_size``.
 
     The sizes come from one forward pass of a weight-less copy of the model on the ``meta``
@@ -187,7 +185,9 @@ def list_taps(
     shapes: dict[str, tuple[int, int]] = {}
     sample = torch.zeros(1, cfg.in_channels, h, w, device="meta")
     kwargs = _dummy_conditioning(cfg, batch=1, device="meta")
-    with capture(probe, list(catalogue), sink=lambda _s, tap, x: shapes.__setitem__(tap, x.shape[-2:])):
+    with capture(
+        probe, list(catalogue), sink=lambda _s, tap, x: shapes.__setitem__(tap, x.shape[-2:])
+    ):
         probe(sample, torch.zeros(1, device="meta"), **kwargs)
     return [
         TapInfo(name, kind, ch, tuple(shapes[name]), h // shapes[name][0])  # type: ignore[arg-type]
@@ -198,9 +198,7 @@ def list_taps(
 def _dummy_conditioning(cfg: Any, *, batch: int, device: str | torch.device) -> dict[str, Any]:
     dim = cfg.cross_attention_dim
     dim = dim[0] if isinstance(dim, list | tuple) else dim
-    kwargs: dict[str, Any] = {
-        "encoder_hidden_states": torch.zeros(batch, 77, dim, device=device)
-    }
+    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.zeros(batch, 77, dim, device=device)}
     if cfg.get("addition_embed_type") == "text_time":
         pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
         kwargs["added_cond_kwargs"] = {
@@ -260,9 +258,7 @@ PRESETS: dict[str, tuple[Callable[[Mapping[str, tuple[str, int]]], list[str]], s
 }
 
 
-def resolve_taps(
-    unet: nn.Module, taps: str | Sequence[str] | Mapping[str, str]
-) -> dict[str, str]:
+def resolve_taps(unet: nn.Module, taps: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
     """Validate tap names and return ``{tap name: alias}`` in the order given.
 
     Args:
@@ -363,9 +359,7 @@ class Capture:
         if self._handles:
             return
         modules = dict(self.unet.named_modules())
-        transformers = {
-            p for p, m in modules.items() if _class_name(m) in {"Transformer2DModel"}
-        }
+        transformers = {p for p, m in modules.items() if _class_name(m) in {"Transformer2DModel"}}
         needed_grids: set[str] = set()
         try:
             for name, alias in self.taps.items():
@@ -387,7 +381,9 @@ class Capture:
                 self._handles.append(target.register_forward_hook(fn))
             for grid in needed_grids:
                 self._handles.append(
-                    modules[grid].register_forward_pre_hook(self._record_grid(grid), with_kwargs=True)
+                    modules[grid].register_forward_pre_hook(
+                        self._record_grid(grid), with_kwargs=True
+                    )
                 )
         except Exception:
             self.remove()

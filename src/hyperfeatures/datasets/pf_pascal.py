@@ -1,0 +1,453 @@
+"""PF-PASCAL (Ham et al., Proposal Flow, 2017/2018) in its released layout.
+
+::
+
+    PF-dataset-PASCAL/                (or PF-PASCAL/)
+      JPEGImages/<image>.jpg
+      Annotations/<class>/<image>.mat        keypoints 'kps' (N x 2, NaN = absent), 'bbox' (1 x 4)
+      test_pairs_pf_pascal.csv   val_pairs_pf_pascal.csv   trn_pairs_pf_pascal.csv
+      (or test_pairs.csv / val_pairs.csv / trn_pairs.csv)
+
+Pair CSVs have a header row. The weakly-supervised alignment release
+(``*_pairs_pf_pascal.csv``) has columns ``source_image, target_image, class, XA, YA, XB, YB``:
+image paths (only the file name is used; images are looked up in ``JPEGImages/``), the class
+index 1..20 (or its name), and ``;``-separated x / y coordinates of the matching keypoints of
+the source (A) and target (B). The training CSV may add a ``flip`` column (kept in ``meta``;
+nothing is flipped here). CSVs without coordinate columns (``source_image, target_image,
+class, flip``) take the keypoints from the ``.mat`` annotations: those present (not NaN) in
+both images, in annotation order.
+
+Bounding boxes come from ``Annotations/<class>/<image>.mat`` (field ``bbox``,
+``[x1, y1, x2, y2]``). These MATLAB v5 files are read by a small reader in this module (no
+SciPy needed). If ``Annotations/`` is absent the boxes are ``None`` (a warning says so) and
+only image-size PCK is available.
+
+PCK convention: PF-PASCAL results are traditionally reported with the threshold
+``alpha * max(H, W)`` of the (target) *image* (``pck_img``); ``pck_bbox`` uses the annotated
+object box above. Both are possible with these records.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import struct
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .pairs import (
+    AnnotationError,
+    DatasetNotFoundError,
+    ImageChecker,
+    KeypointPair,
+    PairDataset,
+    data_root_hint,
+    find_dataset_root,
+)
+
+__all__ = ["PF_PASCAL_CATEGORIES", "load_pf_pascal", "read_mat_arrays"]
+
+#: The 20 PASCAL VOC classes; CSV class index ``k`` (1-based) is ``PF_PASCAL_CATEGORIES[k - 1]``.
+PF_PASCAL_CATEGORIES: tuple[str, ...] = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+
+_DATASET = "PF-PASCAL"
+_LAYOUT = (
+    "  PF-dataset-PASCAL/JPEGImages/<image>.jpg\n"
+    "  PF-dataset-PASCAL/Annotations/<class>/<image>.mat\n"
+    "  PF-dataset-PASCAL/{test,val,trn}_pairs_pf_pascal.csv  (or {test,val,trn}_pairs.csv)"
+)
+_SPLIT_ALIASES = {"test": "test", "val": "val", "trn": "trn", "train": "trn"}
+_CSV_NAMES = {
+    "test": ("test_pairs_pf_pascal.csv", "test_pairs.csv"),
+    "val": ("val_pairs_pf_pascal.csv", "val_pairs.csv"),
+    "trn": ("trn_pairs_pf_pascal.csv", "train_pairs_pf_pascal.csv", "trn_pairs.csv"),
+}
+_COORD_COLUMNS = ("xa", "ya", "xb", "yb")
+
+# ----------------------------------------------------------------------------------------------
+# Minimal MATLAB v5 MAT-file reader (numeric arrays only).
+# ----------------------------------------------------------------------------------------------
+
+_MI_DTYPES = {
+    1: "i1",
+    2: "u1",
+    3: "i2",
+    4: "u2",
+    5: "i4",
+    6: "u4",
+    7: "f4",
+    9: "f8",
+    12: "i8",
+    13: "u8",
+}
+_MI_MATRIX = 14
+_MI_COMPRESSED = 15
+#: mxClassID -> numpy dtype for the numeric classes (double, single, int8 ... uint64).
+_MX_DTYPES = {
+    6: "f8",
+    7: "f4",
+    8: "i1",
+    9: "u1",
+    10: "i2",
+    11: "u2",
+    12: "i4",
+    13: "u4",
+    14: "i8",
+    15: "u8",
+}
+_FLAG_COMPLEX = 1 << 11
+_FLAG_LOGICAL = 1 << 9
+
+
+def _element(buf: bytes, pos: int, endian: str, path: Path) -> tuple[int, bytes, int]:
+    """One data element at ``pos``: ``(type, payload, position of the next element)``."""
+    if pos + 8 > len(buf):
+        raise AnnotationError(f"{path}: truncated MAT-file (element header at byte {pos}).")
+    (word,) = struct.unpack_from(endian + "I", buf, pos)
+    if word >> 16:  # small data element: type and size share the first 4 bytes
+        size = word >> 16
+        if size > 4:
+            raise AnnotationError(f"{path}: corrupt MAT-file (small element of {size} bytes).")
+        return word & 0xFFFF, buf[pos + 4 : pos + 4 + size], pos + 8
+    mtype, size = struct.unpack_from(endian + "II", buf, pos)
+    start, end = pos + 8, pos + 8 + size
+    if end > len(buf):
+        raise AnnotationError(f"{path}: truncated MAT-file (element of {size} bytes at {pos}).")
+    following = end if mtype == _MI_COMPRESSED else start + (size + 7) // 8 * 8
+    return mtype, buf[start:end], following
+
+
+def _numbers(mtype: int, payload: bytes, endian: str, path: Path, name: str) -> np.ndarray:
+    if mtype not in _MI_DTYPES:
+        raise AnnotationError(f"{path}: variable {name!r} stores data of unknown type {mtype}.")
+    dtype = np.dtype(_MI_DTYPES[mtype]).newbyteorder(endian)
+    if len(payload) % dtype.itemsize:
+        raise AnnotationError(f"{path}: variable {name!r} has a partial value ({len(payload)} B).")
+    return np.frombuffer(payload, dtype=dtype)
+
+
+def _matrix(payload: bytes, endian: str, path: Path) -> tuple[str, np.ndarray | None]:
+    mtype, flags_raw, pos = _element(payload, 0, endian, path)
+    if len(flags_raw) < 4:
+        raise AnnotationError(f"{path}: corrupt MAT-file (array flags).")
+    (flags,) = struct.unpack_from(endian + "I", flags_raw, 0)
+    mx_class = flags & 0xFF
+    _, dims_raw, pos = _element(payload, pos, endian, path)
+    dims = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=np.dtype("i4").newbyteorder(endian)))
+    _, name_raw, pos = _element(payload, pos, endian, path)
+    name = name_raw.decode("latin-1")
+    if mx_class not in _MX_DTYPES:
+        return name, None  # cell, struct, char, sparse, object: not needed here
+    mtype, real_raw, pos = _element(payload, pos, endian, path)
+    values = _numbers(mtype, real_raw, endian, path, name).astype(_MX_DTYPES[mx_class])
+    if flags & _FLAG_COMPLEX:
+        mtype, imag_raw, pos = _element(payload, pos, endian, path)
+        values = values + 1j * _numbers(mtype, imag_raw, endian, path, name)
+    if flags & _FLAG_LOGICAL:
+        values = values.astype(bool)
+    if values.size != math.prod(dims):
+        raise AnnotationError(
+            f"{path}: variable {name!r} holds {values.size} values for dimensions {dims}."
+        )
+    return name, values.reshape(dims, order="F")
+
+
+def read_mat_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Read the numeric variables of a MATLAB v5 / v7 MAT-file (compressed or not).
+
+    Only top-level numeric (and logical) arrays are returned; cells, structs, strings and
+    sparse matrices are skipped. MAT v7.3 files (HDF5) are not supported.
+
+    Returns:
+        ``{variable name: array}`` with MATLAB's shape (2-D at least) and element type.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        AnnotationError: not a v5 MAT-file, or a corrupt one (names the file).
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) < 128:
+        raise AnnotationError(f"{path}: too short for a MAT-file ({len(data)} bytes).")
+    if data[126:128] == b"IM":
+        endian = "<"
+    elif data[126:128] == b"MI":
+        endian = ">"
+    else:
+        raise AnnotationError(f"{path}: not a MATLAB v5 MAT-file (no endian mark at byte 126).")
+    (version,) = struct.unpack_from(endian + "H", data, 124)
+    if version != 0x0100:
+        raise AnnotationError(
+            f"{path}: MAT-file version 0x{version:04x} is not supported (v7.3/HDF5?); "
+            "re-save it in MATLAB with save(..., '-v7')."
+        )
+    arrays: dict[str, np.ndarray] = {}
+    pos = 128
+    while pos + 8 <= len(data):
+        mtype, payload, pos = _element(data, pos, endian, path)
+        if mtype == _MI_COMPRESSED:
+            try:
+                inner = zlib.decompress(payload)
+            except zlib.error as exc:
+                raise AnnotationError(
+                    f"{path}: corrupt compressed MAT-file element ({exc})."
+                ) from exc
+            mtype, payload, _ = _element(inner, 0, endian, path)
+        if mtype != _MI_MATRIX:
+            continue
+        name, array = _matrix(payload, endian, path)
+        if array is not None:
+            arrays[name] = array
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader
+# ----------------------------------------------------------------------------------------------
+
+
+class _Annotations:
+    """Cached reader of ``Annotations/<class>/<image>.mat``: ``(file, variables)`` per image."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._cache: dict[Path, dict[str, np.ndarray]] = {}
+
+    def read(
+        self, category: str, image_name: str, where: str
+    ) -> tuple[Path, dict[str, np.ndarray]]:
+        path = self.folder / category / f"{Path(image_name).stem}.mat"
+        if path not in self._cache:
+            if not path.is_file():
+                raise DatasetNotFoundError(
+                    f"{where}: annotation file {path} not found.\n"
+                    + data_root_hint(_DATASET, _LAYOUT)
+                )
+            self._cache[path] = read_mat_arrays(path)
+        return path, self._cache[path]
+
+    @staticmethod
+    def keypoints(annotation: tuple[Path, dict[str, np.ndarray]]) -> np.ndarray:
+        """``(N, 2)`` keypoints ``(x, y)``, NaN rows for keypoints absent from the image."""
+        path, arrays = annotation
+        if "kps" not in arrays:
+            raise AnnotationError(f"{path}: missing variable 'kps' (N x 2 keypoints).")
+        kps = np.asarray(arrays["kps"], dtype=np.float64)
+        if kps.ndim == 2 and kps.shape[0] == 2 and kps.shape[1] != 2:
+            kps = kps.T
+        if kps.ndim != 2 or kps.shape[1] != 2:
+            raise AnnotationError(f"{path}: variable 'kps' must be N x 2, got {kps.shape}.")
+        return kps
+
+    @staticmethod
+    def bbox(annotation: tuple[Path, dict[str, np.ndarray]]) -> tuple[float, float, float, float]:
+        """The object box ``(x1, y1, x2, y2)``."""
+        path, arrays = annotation
+        if "bbox" not in arrays:
+            raise AnnotationError(f"{path}: missing variable 'bbox' ([x1 y1 x2 y2]).")
+        box = np.asarray(arrays["bbox"], dtype=np.float64).reshape(-1)
+        if box.shape != (4,):
+            raise AnnotationError(f"{path}: variable 'bbox' must hold 4 numbers, got {box.size}.")
+        return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
+
+
+def _common_keypoints(
+    source: tuple[Path, dict[str, np.ndarray]],
+    target: tuple[Path, dict[str, np.ndarray]],
+    where: str,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Keypoints annotated (not NaN) in both images, and their 0-based indices."""
+    src_kps, trg_kps = _Annotations.keypoints(source), _Annotations.keypoints(target)
+    if len(src_kps) != len(trg_kps):
+        raise AnnotationError(
+            f"{where}: {source[0]} lists {len(src_kps)} keypoints but {target[0]} lists "
+            f"{len(trg_kps)}; annotations of one class share the same keypoint list."
+        )
+    both = np.isfinite(src_kps).all(axis=1) & np.isfinite(trg_kps).all(axis=1)
+    return src_kps[both], trg_kps[both], np.flatnonzero(both).tolist()
+
+
+def _category(value: str, where: str) -> tuple[str, int]:
+    text = value.strip()
+    if text in PF_PASCAL_CATEGORIES:
+        return text, PF_PASCAL_CATEGORIES.index(text) + 1
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if number.is_integer() and 1 <= number <= len(PF_PASCAL_CATEGORIES):
+        return PF_PASCAL_CATEGORIES[int(number) - 1], int(number)
+    raise AnnotationError(
+        f"{where}: field 'class' is {value!r}; expected an index 1..20 or a PASCAL class name."
+    )
+
+
+def _coords(value: str | None, where: str, column: str) -> np.ndarray:
+    tokens = [t for t in (value or "").replace(",", ";").split(";") if t.strip()]
+    try:
+        return np.array([float(t) for t in tokens], dtype=np.float64)
+    except ValueError as exc:
+        raise AnnotationError(
+            f"{where}: field {column!r} must be ';'-separated numbers, got {value!r}."
+        ) from exc
+
+
+def _csv_points(row: dict[str, str], where: str) -> tuple[np.ndarray, np.ndarray]:
+    xa, ya, xb, yb = (_coords(row.get(c), where, c.upper()) for c in _COORD_COLUMNS)
+    lengths = {"XA": len(xa), "YA": len(ya), "XB": len(xb), "YB": len(yb)}
+    if len(set(lengths.values())) != 1:
+        raise AnnotationError(
+            f"{where}: coordinate columns have different lengths {lengths}; each must list one "
+            "value per keypoint."
+        )
+    return np.stack([xa, ya], axis=1), np.stack([xb, yb], axis=1)
+
+
+def _find_csv(root: Path, dataset_dir: Path, split: str) -> Path:
+    folders = list(dict.fromkeys([dataset_dir, root, dataset_dir.parent]))
+    for folder in folders:
+        for name in _CSV_NAMES[split]:
+            if (folder / name).is_file():
+                return folder / name
+    raise DatasetNotFoundError(
+        f"no PF-PASCAL pair list for split {split!r}: looked for {', '.join(_CSV_NAMES[split])} in "
+        f"{', '.join(map(str, folders))}.\n{data_root_hint(_DATASET, _LAYOUT)}"
+    )
+
+
+def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDataset:
+    """Load PF-PASCAL pairs from the released layout (see the module docstring).
+
+    Args:
+        root: the ``PF-dataset-PASCAL`` (or ``PF-PASCAL``) folder, or its parent; the pair CSVs
+            may sit in either.
+        split: ``"test"`` (299 pairs in the standard split), ``"val"``, or ``"trn"`` (alias
+            ``"train"``).
+
+    Returns:
+        A :class:`PairDataset` in CSV order; ``pair_id`` is ``"<row>-<source>-<target>"``.
+        Points ``(x, y)`` in pixels of the original images; sizes ``(W, H)`` from the image
+        headers; boxes ``(x1, y1, x2, y2)`` from the ``.mat`` annotations (``None`` without
+        ``Annotations/``). ``meta`` holds ``class_id`` (1-based) and ``flip`` when the CSV has it.
+
+    Raises:
+        DatasetNotFoundError: folder, CSV or a needed annotation file missing.
+        AnnotationError: malformed CSV row or ``.mat`` file (names file, row and field).
+        ImageNotFoundError: an image named by the CSV is missing.
+    """
+    if split not in _SPLIT_ALIASES:
+        raise ValueError(
+            f"unknown PF-PASCAL split {split!r}; choose from {sorted(_SPLIT_ALIASES)}."
+        )
+    split = _SPLIT_ALIASES[split]
+    dataset_dir = find_dataset_root(
+        root,
+        ["PF-dataset-PASCAL", "PF-PASCAL"],
+        lambda p: (p / "JPEGImages").is_dir(),
+        _DATASET,
+        _LAYOUT,
+    )
+    csv_path = _find_csv(Path(root).expanduser(), dataset_dir, split)
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        header = [name.strip().lower() for name in reader.fieldnames or []]
+        reader.fieldnames = header
+        rows = list(reader)
+    missing = [c for c in ("source_image", "target_image", "class") if c not in header]
+    if missing:
+        raise AnnotationError(
+            f"{csv_path}: missing column(s) {missing}; expected a header row "
+            f"'source_image,target_image,class[,flip][,XA,YA,XB,YB]', got {header}."
+        )
+    has_coords = all(c in header for c in _COORD_COLUMNS)
+    annotations_dir = dataset_dir / "Annotations"
+    annotations = _Annotations(annotations_dir) if annotations_dir.is_dir() else None
+    if annotations is None:
+        if not has_coords:
+            raise DatasetNotFoundError(
+                f"{csv_path} has no XA/YA/XB/YB columns, so keypoints come from "
+                f"{annotations_dir}, which is missing.\n{data_root_hint(_DATASET, _LAYOUT)}"
+            )
+        warnings.warn(
+            f"PF-PASCAL: {annotations_dir} not found; bounding boxes are None, only image-size "
+            "PCK is available.",
+            stacklevel=2,
+        )
+
+    images = ImageChecker(_DATASET)
+    pairs = []
+    for number, row in enumerate(rows, start=2):  # row 1 is the header
+        where = f"{csv_path} row {number}"
+        names = {}
+        for column in ("source_image", "target_image"):
+            value = (row.get(column) or "").strip()
+            if not value:
+                raise AnnotationError(f"{where}: field {column!r} is empty.")
+            names[column] = Path(value.replace("\\", "/")).name
+        category, class_id = _category(row.get("class") or "", where)
+        paths = {
+            column: images.require(dataset_dir / "JPEGImages" / name, where, column)
+            for column, name in names.items()
+        }
+        meta: dict[str, Any] = {"class_id": class_id}
+        if (row.get("flip") or "").strip():
+            try:
+                meta["flip"] = int(float(row["flip"]))
+            except ValueError as exc:
+                raise AnnotationError(f"{where}: field 'flip' must be 0 or 1.") from exc
+
+        boxes: tuple[Any, Any] = (None, None)
+        if has_coords:
+            src_points, trg_points = _csv_points(row, where)
+        if annotations is not None:
+            src_ann = annotations.read(category, names["source_image"], where)
+            trg_ann = annotations.read(category, names["target_image"], where)
+            boxes = (annotations.bbox(src_ann), annotations.bbox(trg_ann))
+            if not has_coords:
+                src_points, trg_points, meta["kps_ids"] = _common_keypoints(src_ann, trg_ann, where)
+        pairs.append(
+            KeypointPair(
+                source_path=paths["source_image"],
+                target_path=paths["target_image"],
+                source_points=src_points,
+                target_points=trg_points,
+                category=category,
+                source_bbox=boxes[0],
+                target_bbox=boxes[1],
+                source_size=images.size(paths["source_image"], where, "source_image"),
+                target_size=images.size(paths["target_image"], where, "target_image"),
+                pair_id=(
+                    f"{number - 1:04d}-{Path(names['source_image']).stem}-"
+                    f"{Path(names['target_image']).stem}"
+                ),
+                meta=meta,
+                origin=where,
+            )
+        )
+    return PairDataset(pairs, name=f"pf-pascal-{split}")

@@ -1,0 +1,547 @@
+"""Tests of hyperfeatures.aggregation: layout, exact fast path, persistence, official import."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyperfeatures.aggregation import (
+    PAPER_TAPS,
+    AggregationNetwork,
+    BottleneckBlock,
+    CheckpointError,
+    backbone_from_model_id,
+    check_compatible,
+    load_official_checkpoint,
+    official_labels_to_steps,
+    steps_to_official_labels,
+    write_official_checkpoint,
+)
+
+SD15_CHANNELS = [1280] * 6 + [640] * 3 + [320] * 3
+OFFICIAL_LABELS = [49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0]
+OUR_STEPS = [0, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49]
+
+
+def _randomise(net: AggregationNetwork, seed: int = 0) -> AggregationNetwork:
+    """Random mixing weights and GroupNorm affines, so nothing is trivially uniform."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name == "mixing_weights" or ".norm." in name:
+                p.copy_(
+                    torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if "weight" in name else 0)
+                )
+    return net
+
+
+def _maps(
+    net: AggregationNetwork, sizes: list[int], batch: int = 2, seed: int = 1
+) -> dict[tuple[int, str], torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        (s, t): torch.randn(batch, c, h, h, generator=gen)
+        for s in net.steps
+        for t, c, h in zip(net.taps, net.channels, sizes, strict=True)
+    }
+
+
+def _small_net(**kw) -> AggregationNetwork:
+    args = dict(
+        taps=["up_blocks.0.resnets.0", "up_blocks.1.resnets.0", "up_blocks.2.resnets.0", "x"],
+        channels=[40, 24, 64, 8],
+        steps=[0, 2, 5],
+        projection_dim=64,
+        num_norm_groups=8,
+        output_size=64,
+        num_inference_steps=6,
+    )
+    args.update(kw)
+    return AggregationNetwork(**args)
+
+
+# ------------------------------------------------------------------------------ layout
+
+
+def test_state_dict_keys_match_official_layout() -> None:
+    net = AggregationNetwork(["a", "b"], [16, 64], [0], projection_dim=64, num_norm_groups=8)
+    # Layer 0 has 16 != 64 input channels (projection shortcut); layer 1 has 64 (identity).
+    expected = [
+        "mixing_weights",
+        "bottleneck_layers.0.0.shortcut.weight",
+        "bottleneck_layers.0.0.shortcut.norm.weight",
+        "bottleneck_layers.0.0.shortcut.norm.bias",
+        "bottleneck_layers.0.0.conv1.weight",
+        "bottleneck_layers.0.0.conv1.norm.weight",
+        "bottleneck_layers.0.0.conv1.norm.bias",
+        "bottleneck_layers.0.0.conv2.weight",
+        "bottleneck_layers.0.0.conv2.norm.weight",
+        "bottleneck_layers.0.0.conv2.norm.bias",
+        "bottleneck_layers.0.0.conv3.weight",
+        "bottleneck_layers.0.0.conv3.norm.weight",
+        "bottleneck_layers.0.0.conv3.norm.bias",
+        "bottleneck_layers.1.0.conv1.weight",
+        "bottleneck_layers.1.0.conv1.norm.weight",
+        "bottleneck_layers.1.0.conv1.norm.bias",
+        "bottleneck_layers.1.0.conv2.weight",
+        "bottleneck_layers.1.0.conv2.norm.weight",
+        "bottleneck_layers.1.0.conv2.norm.bias",
+        "bottleneck_layers.1.0.conv3.weight",
+        "bottleneck_layers.1.0.conv3.norm.weight",
+        "bottleneck_layers.1.0.conv3.norm.bias",
+    ]
+    sd = net.state_dict()
+    assert list(sd) == expected
+    assert sd["bottleneck_layers.0.0.conv1.weight"].shape == (16, 16, 1, 1)
+    assert sd["bottleneck_layers.0.0.conv2.weight"].shape == (16, 16, 3, 3)
+    assert sd["bottleneck_layers.0.0.conv3.weight"].shape == (64, 16, 1, 1)
+    assert sd["bottleneck_layers.0.0.shortcut.weight"].shape == (64, 16, 1, 1)
+    assert sd["mixing_weights"].shape == (2,)
+
+
+def test_parameter_count_sd15_full_model() -> None:
+    net = AggregationNetwork(list(PAPER_TAPS), SD15_CHANNELS, OUR_STEPS)
+    p, w = 384, 384 // 4
+
+    def block(c: int) -> int:
+        conv1 = c * w + 2 * w
+        conv2 = w * w * 9 + 2 * w
+        conv3 = w * p + 2 * p
+        shortcut = c * p + 2 * p if c != p else 0
+        return conv1 + conv2 + conv3 + shortcut
+
+    by_hand = sum(block(c) for c in SD15_CHANNELS) + 12 * 11
+    assert by_hand == 6_529_668
+    assert sum(p.numel() for p in net.parameters()) == by_hand
+    assert net.mixing_weights.numel() == 132
+
+
+def test_init_msra_groupnorm_and_mixing_ones() -> None:
+    net = AggregationNetwork(list(PAPER_TAPS[:2]), [1280, 384], [0, 1, 2])
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 7  # 4 in the first block (with shortcut), 3 in the identity one
+    for conv in convs:
+        assert conv.bias is None
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        expected = math.sqrt(2.0 / fan_out)
+        assert conv.weight.std().item() == pytest.approx(expected, rel=0.06)
+        assert abs(conv.weight.mean().item()) < 0.1 * expected
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 7
+    for gn in norms:
+        assert gn.num_groups == 32
+        assert torch.equal(gn.weight, torch.ones_like(gn.weight))
+        assert torch.equal(gn.bias, torch.zeros_like(gn.bias))
+    assert torch.equal(net.mixing_weights, torch.ones(6))
+
+
+def test_constructor_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="num_norm_groups"):
+        AggregationNetwork(["a"], [8], [0], projection_dim=64, num_norm_groups=32)
+    with pytest.raises(ValueError, match="one channel count per tap"):
+        AggregationNetwork(["a", "b"], [8], [0])
+    with pytest.raises(ValueError, match="unique"):
+        AggregationNetwork(["a"], [8], [0, 0])
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        AggregationNetwork(["a"], [8], [0, 7], num_inference_steps=5)
+    with pytest.raises(ValueError, match="mode"):
+        AggregationNetwork(["a"], [8], [0], mode="sampling")
+
+
+# ------------------------------------------------------------------------------ compute
+
+
+def test_forward_native_resolution_equals_stacked_reference() -> None:
+    net = _randomise(_small_net())
+    maps = _maps(net, [8, 16, 32, 64])
+    with torch.no_grad():
+        fast = net(maps)
+        stacked = net.stack_maps(maps)
+        assert stacked.shape == (2, 3 * (40 + 24 + 64 + 8), 64, 64)
+        reference = net.forward_stacked(stacked)
+    assert fast.shape == (2, 64, 64, 64)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    nested: dict[int, dict[str, torch.Tensor]] = {}
+    for (s, t), x in maps.items():
+        nested.setdefault(s, {})[t] = x
+    with torch.no_grad():
+        assert torch.equal(net(nested), fast)
+    # The mixing weights really matter (guards against a test that passes trivially).
+    with torch.no_grad():
+        net.mixing_weights.add_(torch.arange(12.0))
+        assert (net(maps) - fast).abs().max() > 1e-2
+
+
+def _explicit_block(block: BottleneckBlock, x: torch.Tensor) -> torch.Tensor:
+    """REFERENCE 3 written out with functional ops and the block's own parameters."""
+
+    def conv_gn(conv: torch.nn.Conv2d, h: torch.Tensor, padding: int = 0) -> torch.Tensor:
+        h = F.conv2d(h, conv.weight, None, padding=padding)
+        return F.group_norm(h, conv.norm.num_groups, conv.norm.weight, conv.norm.bias, eps=1e-5)
+
+    h = F.relu(conv_gn(block.conv1, x))
+    h = F.relu(conv_gn(block.conv2, h, padding=1))
+    h = conv_gn(block.conv3, h)
+    shortcut = conv_gn(block.shortcut, x) if block.shortcut is not None else x
+    return F.relu(h + shortcut)
+
+
+@pytest.mark.parametrize("in_channels", [40, 64])
+def test_bottleneck_block_matches_explicit_definition(in_channels: int) -> None:
+    net = _randomise(_small_net(channels=[in_channels, 24, 64, 8], output_size=16))
+    block: BottleneckBlock = net.bottleneck_layers[0][0]
+    assert (block.shortcut is None) == (in_channels == 64)
+    x = torch.randn(2, in_channels, 16, 16)
+    small = torch.randn(2, in_channels, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), _explicit_block(block, x), atol=1e-5, rtol=0)
+        resized = F.interpolate(small, size=16, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(
+            net.project(net.taps[0], small), _explicit_block(block, resized), atol=1e-5, rtol=0
+        )
+
+
+def test_stack_maps_is_timestep_major_resize_then_concat() -> None:
+    net = _small_net(steps=[3, 1])
+    maps = _maps(net, [8, 16, 32, 64], batch=1)
+    stacked = net.stack_maps(maps)
+    manual = torch.cat(
+        [
+            F.interpolate(maps[(s, t)], size=64, mode="bilinear", align_corners=False)
+            for s in (3, 1)
+            for t in net.taps
+        ],
+        dim=1,
+    )
+    assert torch.equal(stacked, manual)
+
+
+def test_full_default_size_tiny_maps() -> None:
+    net = _randomise(AggregationNetwork(list(PAPER_TAPS), SD15_CHANNELS, [0, 4], output_size=8))
+    sizes = [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3
+    maps = _maps(net, sizes, batch=1)
+    with torch.no_grad():
+        fast = net(maps)
+        reference = net.forward_stacked(net.stack_maps(maps))
+    assert fast.shape == (1, 384, 8, 8)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+
+
+def test_project_exact_algebra_batched_steps_and_downsampling() -> None:
+    net = _randomise(_small_net(output_size=16))
+    block: BottleneckBlock = net.bottleneck_layers[0][0]
+    x = torch.randn(3, 40, 4, 4)
+    with torch.no_grad():
+        fast = net.project("up_blocks.0.resnets.0", x)
+        slow = block(F.interpolate(x, size=16, mode="bilinear", align_corners=False))
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+        # Several steps stacked along the batch give the per-step results.
+        for i in range(3):
+            one = net.project("up_blocks.0.resnets.0", x[i : i + 1])
+            torch.testing.assert_close(fast[i : i + 1], one, atol=1e-5, rtol=0)
+        # Identity-shortcut layer (64 == P) and a map larger than the output.
+        big = torch.randn(2, 64, 32, 32)
+        got = net.project("up_blocks.2.resnets.0", big)
+        want = net.bottleneck_layers[2](F.interpolate(big, size=16, mode="bilinear"))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        # contribution = weight * projection
+        c = net.contribution(2, "x", torch.randn(1, 8, 5, 5))
+        assert c.shape == (1, 64, 16, 16)
+
+
+def test_mixing_weights_are_timestep_major() -> None:
+    net = _small_net()
+    with torch.no_grad():
+        net.mixing_weights.zero_()
+        net.mixing_weights[1 * 4 + 2] = 5.0  # s_index 1 (step 2), layer 2
+    m = net.mixing_matrix()
+    assert m.shape == (3, 4)
+    assert m.sum().item() == pytest.approx(1.0)
+    assert divmod(int(m.argmax()), 4) == (1, 2)
+    assert net.mixing_weight(2, "up_blocks.2.resnets.0").item() == pytest.approx(m[1, 2].item())
+    assert net.mixing_weight(0, "x").item() == pytest.approx(m[0, 3].item())
+    with pytest.raises(ValueError, match="not one of this network's steps"):
+        net.mixing_weight(1, "x")
+    with pytest.raises(ValueError, match="not one of this network's taps"):
+        net.mixing_weight(0, "nope")
+
+
+def test_forward_reports_key_and_channel_problems() -> None:
+    net = _small_net(output_size=8)
+    maps = _maps(net, [2, 2, 4, 4], batch=1)
+    missing = dict(maps)
+    del missing[(5, "x")]
+    missing[(7, "x")] = maps[(5, "x")]
+    with pytest.raises(ValueError, match=r"missing 1: \(5, 'x'\).*unexpected 1: \(7, 'x'\)"):
+        net(missing)
+    wrong = dict(maps)
+    wrong[(2, "up_blocks.1.resnets.0")] = torch.randn(1, 25, 2, 2)
+    with pytest.raises(ValueError, match=r"wrong channel count.*25 \(expected 24\)"):
+        net(wrong)
+    with pytest.raises(ValueError, match="channels"):
+        net.project("x", torch.randn(1, 9, 2, 2))
+    with pytest.raises(ValueError, match="S x sum"):
+        net.forward_stacked(torch.randn(1, 5, 8, 8))
+
+
+# ------------------------------------------------------------------------------ persistence
+
+
+def test_save_pretrained_round_trip(tmp_path: Path) -> None:
+    net = _randomise(_small_net(output_size=16, backbone="sd15", extra={"lr": 1e-3}))
+    net.extra["note"] = "edited after construction"
+    net.save_pretrained(tmp_path / "net")
+    assert (tmp_path / "net" / "model.safetensors").is_file()
+    assert (tmp_path / "net" / "config.json").is_file()
+    loaded = AggregationNetwork.from_pretrained(tmp_path / "net")
+    assert loaded.config == net.config
+    assert loaded.steps == (0, 2, 5) and loaded.backbone == "sd15"
+    assert loaded.extra == {"lr": 1e-3, "note": "edited after construction"}
+    maps = _maps(net, [4, 8, 16, 16], batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(maps), net(maps))
+
+
+def test_from_pretrained_missing_files_is_clear(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"config\.json.*model\.safetensors"):
+        AggregationNetwork.from_pretrained(empty)
+    net = _small_net()
+    net.save_pretrained(tmp_path / "half")
+    (tmp_path / "half" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks model\.safetensors"):
+        AggregationNetwork.from_pretrained(tmp_path / "half")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        AggregationNetwork.from_pretrained(str(tmp_path / "nowhere"))
+    write_official_checkpoint(_small_net(taps=list(PAPER_TAPS[:4])), tmp_path / "a.pt")
+    with pytest.raises(FileNotFoundError, match="load_official_checkpoint"):
+        AggregationNetwork.from_pretrained(tmp_path / "a.pt")
+
+
+# ------------------------------------------------------------------------------ official
+
+
+def test_label_translation() -> None:
+    assert official_labels_to_steps(OFFICIAL_LABELS, 50) == OUR_STEPS
+    assert steps_to_official_labels(OUR_STEPS, 50) == OFFICIAL_LABELS
+    assert official_labels_to_steps([0], 1) == [0]
+    with pytest.raises(ValueError, match="outside"):
+        official_labels_to_steps([50], 50)
+
+
+def test_backbone_from_model_id() -> None:
+    assert backbone_from_model_id("runwayml/stable-diffusion-v1-5") == "sd15"
+    assert backbone_from_model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
+    assert backbone_from_model_id("stabilityai/stable-diffusion-2-1-base") == "sd21"
+    assert backbone_from_model_id("stabilityai/stable-diffusion-2-1") == "sd21"
+    assert backbone_from_model_id("someone/custom-model") == "someone/custom-model"
+    assert backbone_from_model_id(None) is None
+
+
+def _official_net() -> AggregationNetwork:
+    channels = [32] * 6 + [16] * 3 + [8] * 3
+    net = AggregationNetwork(
+        list(PAPER_TAPS),
+        channels,
+        OUR_STEPS,
+        projection_dim=128,
+        output_size=16,
+        num_inference_steps=50,
+        backbone="sd15",
+    )
+    return _randomise(net, seed=3)
+
+
+def test_official_export_import_round_trip(tmp_path: Path) -> None:
+    net = _official_net()
+    path = write_official_checkpoint(net, tmp_path / "agg.pt", {"batch_size": 2, "prompt": ""})
+    raw = torch.load(path, weights_only=True)
+    assert set(raw) == {"config", "aggregation_network"}
+    assert raw["config"]["save_timestep"] == OFFICIAL_LABELS
+    assert raw["config"]["num_timesteps"] == 50
+    assert raw["config"]["model_id"] == "runwayml/stable-diffusion-v1-5"
+    assert raw["config"]["prompt"] == ""
+    assert "idxs" not in raw["config"]  # the paper's 12 layers are the original's default
+
+    loaded = load_official_checkpoint(path)
+    assert list(loaded.steps) == OUR_STEPS
+    assert loaded.taps == PAPER_TAPS
+    assert loaded.channels == net.channels
+    assert loaded.backbone == "sd15" and loaded.mode == "inversion"
+    assert loaded.num_inference_steps == 50 and loaded.output_size == 16
+    assert loaded.projection_dim == 128
+    assert torch.equal(loaded.mixing_weights, net.mixing_weights)  # order unchanged
+    sizes = [2] * 3 + [4] * 3 + [8] * 3 + [16] * 3
+    maps = _maps(net, sizes, batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(maps), net(maps))
+
+
+def test_official_training_checkpoint_with_yaml_fields(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hand-built file shaped like the original trainer's output (its train.yaml fields,
+    step, optimizer state), saved with plain torch.save."""
+    net = _official_net()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net.mixing_weights.sum().backward()
+    opt.step()
+    config = {
+        "image_path": "datasets/SPair-71k/JPEGImages",
+        "wandb_run": "sdv1-5",
+        "flip_timesteps": False,
+        "save_timestep": OFFICIAL_LABELS,
+        "num_timesteps": 50,
+        "weight_decay": 0,
+        "lr": 1e-3,
+        "projection_dim": 128,
+        "model_id": "stabilityai/stable-diffusion-2-1-base",
+        "diffusion_mode": "inversion",
+        "output_resolution": 16,
+        "load_resolution": 512,
+        "batch_size": 2,
+        "prompt": "",
+        "negative_prompt": "",
+        "guidance_scale": -1,
+    }
+    torch.save(
+        {
+            "step": 1000,
+            "config": config,
+            "aggregation_network": net.state_dict(),
+            "optimizer_state_dict": opt.state_dict(),
+        },
+        tmp_path / "checkpoint_step_1000.pt",
+    )
+    with caplog.at_level(logging.INFO, logger="hyperfeatures.aggregation"):
+        loaded = load_official_checkpoint(tmp_path / "checkpoint_step_1000.pt")
+    assert "optimizer_state_dict" in caplog.text and "step" in caplog.text
+    assert loaded.backbone == "sd21"
+    assert list(loaded.steps) == OUR_STEPS
+    assert loaded.extra["official_config"]["wandb_run"] == "sdv1-5"
+    assert torch.equal(loaded.mixing_weights, net.mixing_weights)
+    # Export again: the original model id is kept.
+    again = write_official_checkpoint(loaded, tmp_path / "again.pt")
+    cfg = torch.load(again, weights_only=True)["config"]
+    assert cfg["model_id"] == "stabilityai/stable-diffusion-2-1-base"
+
+
+def test_one_step_checkpoint(tmp_path: Path) -> None:
+    net = AggregationNetwork(
+        list(PAPER_TAPS),
+        [32] * 6 + [16] * 3 + [8] * 3,
+        [0],
+        projection_dim=128,
+        num_inference_steps=1,
+        backbone="sd15",
+    )
+    path = write_official_checkpoint(net, tmp_path / "one.pt")
+    raw = torch.load(path, weights_only=True)["config"]
+    assert raw["save_timestep"] == [0] and raw["num_timesteps"] == 1
+    loaded = load_official_checkpoint(path)
+    assert loaded.steps == (0,) and loaded.num_inference_steps == 1
+    assert loaded.mixing_weights.shape == (12,)
+
+
+def test_custom_taps_travel_as_idxs(tmp_path: Path) -> None:
+    taps = ["up_blocks.1.resnets.0", "up_blocks.2.resnets.2"]
+    net = AggregationNetwork(taps, [16, 8], [0, 3], projection_dim=128, num_inference_steps=10)
+    path = write_official_checkpoint(net, tmp_path / "c.pt")
+    assert torch.load(path, weights_only=True)["config"]["idxs"] == [(1, 0), (2, 2)]
+    assert load_official_checkpoint(path).taps == tuple(taps)
+    with pytest.raises(ValueError, match="official layout"):
+        write_official_checkpoint(_small_net(), tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="contradicts"):
+        write_official_checkpoint(net, tmp_path / "bad.pt", {"num_timesteps": 50})
+    with pytest.raises(ValueError, match="weights_only"):
+        write_official_checkpoint(net, tmp_path / "bad.pt", {"when": object()})
+    assert not (tmp_path / "bad.pt").exists()
+
+
+class _Payload:
+    """A custom class: unpickling it would need arbitrary code."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_pickled_custom_object_is_refused(tmp_path: Path) -> None:
+    net = _official_net()
+    torch.save(
+        {"config": _Payload(), "aggregation_network": net.state_dict()}, tmp_path / "evil.pt"
+    )
+    with pytest.raises(CheckpointError, match=r"refused to load.*weights_only") as info:
+        load_official_checkpoint(tmp_path / "evil.pt")
+    assert "_Payload" in str(info.value)
+
+
+def test_missing_and_misshaped_keys_are_listed(tmp_path: Path) -> None:
+    net = _official_net()
+    path = write_official_checkpoint(net, tmp_path / "agg.pt")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["aggregation_network"]["bottleneck_layers.3.0.conv2.norm.bias"]
+    ckpt["aggregation_network"]["bottleneck_layers.7.0.conv3.weight"] = torch.zeros(128, 5, 1, 1)
+    ckpt["aggregation_network"]["bottleneck_layers.1.1.conv1.weight"] = torch.zeros(1)
+    torch.save(ckpt, tmp_path / "broken.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_official_checkpoint(tmp_path / "broken.pt")
+    msg = str(info.value)
+    assert "missing keys (1): 'bottleneck_layers.3.0.conv2.norm.bias'" in msg
+    assert "unexpected keys (1): 'bottleneck_layers.1.1.conv1.weight'" in msg
+    assert (
+        "bottleneck_layers.7.0.conv3.weight: file (128, 5, 1, 1) vs network (128, 32, 1, 1)" in msg
+    )
+
+
+def test_config_problems_are_named(tmp_path: Path) -> None:
+    net = _official_net()
+    ckpt = torch.load(write_official_checkpoint(net, tmp_path / "a.pt"), weights_only=True)
+    bad = dict(ckpt, config={**ckpt["config"], "save_timestep": [49, 45]})
+    torch.save(bad, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match=r"mixing_weights.*132.*S=2"):
+        load_official_checkpoint(tmp_path / "s.pt")
+    cfg = dict(ckpt["config"])
+    del cfg["num_timesteps"]
+    torch.save(dict(ckpt, config=cfg), tmp_path / "n.pt")
+    with pytest.raises(CheckpointError, match="'num_timesteps' is missing"):
+        load_official_checkpoint(tmp_path / "n.pt")
+    torch.save({"weights": 1}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match="aggregation_network"):
+        load_official_checkpoint(tmp_path / "w.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        load_official_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        load_official_checkpoint(tmp_path / "absent.pt")
+
+
+@dataclass
+class _Info:
+    """Stands for a tap metadata record (name + channels)."""
+
+    name: str
+    channels: int
+
+
+def test_check_compatible() -> None:
+    net = _small_net()
+    good = dict(zip(net.taps, net.channels, strict=True)) | {"mid_block.resnets.0": 1280}
+    check_compatible(net, good)
+    check_compatible(net, list(good.items()), num_inference_steps=6)
+    check_compatible(net, [_Info(name, c) for name, c in good.items()])
+    bad = dict(good)
+    del bad["x"]
+    bad["up_blocks.1.resnets.0"] = 640
+    with pytest.raises(
+        ValueError, match=r"missing from the backbone: 'x'.*backbone 640 vs network 24"
+    ):
+        check_compatible(net, bad)
+    with pytest.raises(ValueError, match="num_inference_steps=6"):
+        check_compatible(net, good, num_inference_steps=50)
