@@ -1,3 +1,56 @@
-"""Diffusion hyperfeatures: per-pixel descriptors from every layer and step of a diffusion model."""
+"""Diffusion hyperfeatures: per-pixel descriptors from every layer and step of a diffusion model.
+
+Public API (imported lazily, so ``from hyperfeatures import pck`` does not load diffusers):
+
+- :class:`HyperfeaturePipeline`: images -> descriptor maps ``(B, 384, 64, 64)``.
+- :class:`FeatureExtractor`: raw activations of any tap at any diffusion step.
+- :class:`AggregationNetwork`, :func:`load_official_checkpoint`.
+- :func:`load_backbone`, :func:`list_taps`, :func:`capture`.
+- :func:`match_points`, :func:`dense_flow`, :func:`pck`, :class:`PCKAccumulator`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "HyperfeaturePipeline": "pipeline",
+    "FeatureExtractor": "pipeline",
+    "ExtractionConfig": "pipeline",
+    "AggregationNetwork": "aggregation",
+    "load_official_checkpoint": "aggregation",
+    "load_backbone": "backbones",
+    "list_backbones": "backbones",
+    "list_taps": "taps",
+    "capture": "taps",
+    "KeepAll": "sinks",
+    "StreamingAggregator": "sinks",
+    "DiskWriter": "sinks",
+    "read_feature_file": "sinks",
+    "match_points": "correspond",
+    "match_points_with_scores": "correspond",
+    "mutual_nearest_neighbors": "correspond",
+    "dense_flow": "correspond",
+    "warp_image": "correspond",
+    "pck": "metrics",
+    "PCKAccumulator": "metrics",
+    "ViTDescriptor": "vit",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hyperfeatures' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -7,8 +7,10 @@ Subcommands map to the library's modules: ``layers`` (taps), ``extract`` (pipeli
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -216,6 +218,293 @@ def demo(
     console.print(f"demo outputs in {out}:")
     for path in outputs:
         console.print(f"  {path}")
+
+
+# --------------------------------------------------------------------------- eval / match
+def _user_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Print library warnings (e.g. the untrained-network one) as one line each."""
+    for item in caught:
+        if issubclass(item.category, UserWarning):
+            first = str(item.message).strip().splitlines()[0]
+            err_console.print(f"[yellow]warning:[/yellow] {first}", highlight=False)
+
+
+def _parse_alphas(values: list[str] | None) -> list[float]:
+    """``--alpha 0.05 --alpha 0.1`` or ``--alpha 0.05,0.1`` -> ``[0.05, 0.1]``."""
+    if not values:
+        return [0.1]
+    out: list[float] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                alpha = float(part)
+            except ValueError:
+                raise ValueError(
+                    f"--alpha must be numbers like 0.1 or 0.05,0.1; got {value!r}"
+                ) from None
+            if not 0 < alpha <= 1:
+                raise ValueError(f"--alpha values must be in (0, 1], got {alpha:g}")
+            out.append(alpha)
+    if not out:
+        raise ValueError("--alpha is empty; give e.g. --alpha 0.1")
+    return out
+
+
+def _parse_points(text: str) -> list[tuple[float, float]]:
+    """``"x,y;x,y"`` -> ``[(x, y), ...]`` (pixels of the source image)."""
+    points: list[tuple[float, float]] = []
+    for i, chunk in enumerate(text.split(";")):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        parts = [p.strip() for p in chunk.split(",")]
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            x, y = float(parts[0]), float(parts[1])
+        except ValueError:
+            raise ValueError(
+                f'--points entry {i} is {chunk!r}; write points as "x,y;x,y" in pixels of the '
+                'source image, e.g. --points "30,40;52.5,18"'
+            ) from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"--points entry {i} ({chunk!r}) is not finite")
+        points.append((x, y))
+    if not points:
+        raise ValueError('--points is empty; give e.g. --points "30,40;52,18"')
+    return points
+
+
+MethodOpt = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="hyperfeatures, layer-4, concat-all, dino, dinov2 or tap:<tap name>.",
+    ),
+]
+EvalModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Backbone (sd15 ... tiny-sd) or ViT (dino-vits8, dinov2-vitb14, tiny-dino ...); "
+        "default: sd15 for diffusion methods, dino-vits8 / dinov2-vitb14 for dino / dinov2.",
+    ),
+]
+AggregatorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--aggregator",
+        help="Aggregation network (hyperfeatures): official .pt, save_pretrained folder or hub "
+        "id. Without it an UNTRAINED network is used.",
+    ),
+]
+LoadSizeOpt = Annotated[
+    int, typer.Option("--load-size", help="Matching grid side; images are resized to it first.")
+]
+ImageSizeOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--image-size",
+        help="VAE input size (diffusion) or ViT input side (dino: 224, dinov2: 770).",
+    ),
+]
+NumStepsOpt = Annotated[
+    int | None,
+    typer.Option("--num-steps", help="DDIM steps T (default: 1 for single-map methods, 50 else)."),
+]
+StepOpt = Annotated[
+    int | None,
+    typer.Option("--step", help="Diffusion step read by layer-4 / concat-all / tap: (0 = clean)."),
+]
+
+
+@app.command("eval")
+def eval_command(
+    method: MethodOpt = "hyperfeatures",
+    dataset: Annotated[
+        str, typer.Option("--dataset", "-d", help="spair, pf-pascal, pf-willow, cub or pair-list.")
+    ] = "spair",
+    data_root: Annotated[
+        Path | None, typer.Option("--data-root", help="Dataset folder (or its parent).")
+    ] = None,
+    split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "test",
+    pairs: Annotated[
+        Path | None,
+        typer.Option("--pairs", help="Pair-list JSON (e.g. spair_71k_test-360.json) to use."),
+    ] = None,
+    per_category: Annotated[
+        int | None,
+        typer.Option(
+            "--per-category", help="Seeded pairs per category (spair default 20; 0 = all)."
+        ),
+    ] = None,
+    max_pairs: Annotated[
+        int | None, typer.Option("--max-pairs", help="Evaluate only the first N pairs.")
+    ] = None,
+    model: EvalModelOpt = None,
+    model_path: ModelPathOpt = None,
+    aggregator: AggregatorOpt = None,
+    load_size: LoadSizeOpt = 224,
+    image_size: ImageSizeOpt = None,
+    num_steps: NumStepsOpt = None,
+    step: StepOpt = None,
+    first_k: Annotated[
+        int | None, typer.Option("--first-k", help="hyperfeatures: stop after the first K steps.")
+    ] = None,
+    alpha: Annotated[
+        list[str] | None,
+        typer.Option("--alpha", help="PCK alpha; repeat or comma list (default 0.1)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder (default eval-results/<method>-<data>)."),
+    ] = None,
+    figures: Annotated[
+        int, typer.Option("--figures", help="Correspondence figures for the first N pairs.")
+    ] = 5,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    seed: Annotated[int, typer.Option("--seed", help="Pair sampling and model seed.")] = 0,
+    no_progress: Annotated[
+        bool, typer.Option("--no-progress", help="Hide the progress bar.")
+    ] = False,
+) -> None:
+    """Benchmark a method on a keypoint dataset: PCK@alpha per category (REFERENCE 5)."""
+    from .evaluate import create_method, evaluate, load_benchmark, method_spec
+
+    try:
+        method_spec(method)
+        alphas = _parse_alphas(alpha)
+        if figures < 0:
+            raise ValueError(f"--figures must be >= 0, got {figures}")
+        data = load_benchmark(
+            dataset,
+            data_root,
+            split=split,
+            pairs_file=pairs,
+            per_category=per_category,
+            seed=seed,
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            chosen = create_method(
+                method,
+                model=model,
+                model_path=model_path,
+                aggregator=aggregator,
+                device=device,
+                dtype=dtype,
+                image_size=image_size,
+                num_steps=num_steps,
+                step=step,
+                first_k=first_k,
+                seed=seed,
+            )
+        _user_warnings(caught)
+        target = out or Path("eval-results") / f"{method.replace(':', '_')}-{data.name}"
+        result = evaluate(
+            chosen,
+            data,
+            load_size=load_size,
+            alphas=alphas,
+            max_pairs=max_pairs,
+            progress=not no_progress,
+            console=err_console,
+        )
+        written = result.write(target, figures=figures)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+        return
+    console.print(result.table())
+    console.print(result.summary_line(), highlight=False)
+    console.print(f"results in {target}:", highlight=False)
+    for key in ("results", "per_category", "predictions"):
+        console.print(f"  {written[key]}", highlight=False)
+    if written["figures"]:
+        console.print(
+            f"  {target / 'figures'} ({len(written['figures'])} figures)", highlight=False
+        )
+
+
+@app.command("match")
+def match_command(
+    source: Annotated[Path, typer.Argument(help="Source image.")],
+    target: Annotated[Path, typer.Argument(help="Target image.")],
+    points: Annotated[
+        str,
+        typer.Option(
+            "--points", "-p", help='Source points "x,y;x,y" in pixels of the source image.'
+        ),
+    ],
+    method: MethodOpt = "hyperfeatures",
+    model: EvalModelOpt = None,
+    model_path: ModelPathOpt = None,
+    aggregator: AggregatorOpt = None,
+    load_size: LoadSizeOpt = 224,
+    image_size: ImageSizeOpt = None,
+    num_steps: NumStepsOpt = None,
+    step: StepOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Figure file (.png, .pdf ...).")] = Path(
+        "match.png"
+    ),
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of random / untrained weights.")] = 0,
+) -> None:
+    """Transfer points from a source image to a target image and draw the matches."""
+    from .datasets import load_image
+    from .evaluate import create_method, match_pair, method_spec
+    from .viz import plot_correspondences
+
+    try:
+        method_spec(method)
+        pts = _parse_points(points)
+        src = load_image(source, context="source image")
+        trg = load_image(target, context="target image")
+        w, h = src.size
+        for i, (x, y) in enumerate(pts):
+            if not (0 <= x < w and 0 <= y < h):
+                raise ValueError(
+                    f"--points entry {i} ({x:g},{y:g}) lies outside the source image {source} of "
+                    f"size {w}x{h}; points are (x, y) pixels with 0 <= x < {w}, 0 <= y < {h}"
+                )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            chosen = create_method(
+                method,
+                model=model,
+                model_path=model_path,
+                aggregator=aggregator,
+                device=device,
+                dtype=dtype,
+                image_size=image_size,
+                num_steps=num_steps,
+                step=step,
+                seed=seed,
+            )
+        _user_warnings(caught)
+        pred, scores = match_pair(chosen, src, trg, pts, load_size=load_size)
+        for i, ((x, y), (px, py), s) in enumerate(zip(pts, pred, scores, strict=True)):
+            console.print(
+                f"{i}: ({x:g}, {y:g}) -> ({px:.1f}, {py:.1f})  similarity {s:.3f}",
+                highlight=False,
+            )
+        plot_correspondences(
+            src,
+            trg,
+            pts,
+            pred,
+            out=out,
+            title=f"{method}: {source.name} -> {target.name}",
+        )
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+        return
+    console.print(f"figure -> {out}", highlight=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -213,9 +213,14 @@ class FeatureExtractor:
         }
 
     # ------------------------------------------------------------------ running
-    def encode(self, images: ImageInput, *, first_index: int = 0) -> torch.Tensor:
-        """Images -> scaled latents ``(B, 4, image_size / 8, image_size / 8)``."""
-        x = preprocess_images(images, image_size=self.image_size, load_size=self.config.load_size)
+    def encode(
+        self, images: ImageInput, *, first_index: int = 0, load_size: int | None | str = "config"
+    ) -> torch.Tensor:
+        """Images -> scaled latents ``(B, 4, image_size / 8, image_size / 8)``.
+
+        ``load_size`` overrides the config's for this call (``None`` = resize directly)."""
+        size = self.config.load_size if load_size == "config" else load_size
+        x = preprocess_images(images, image_size=self.image_size, load_size=size)  # type: ignore[arg-type]
         if self.config.posterior == "mean":
             return self.backbone.encode_images(x)
         latents = []
@@ -233,6 +238,7 @@ class FeatureExtractor:
         sink: Any,
         *,
         first_index: int = 0,
+        load_size: int | None | str = "config",
     ) -> torch.Tensor:
         """Invert ``images`` and send every wanted ``(step, tap, map)`` to ``sink``.
 
@@ -242,8 +248,9 @@ class FeatureExtractor:
         Args:
             first_index: index of the first image in the whole run (seeds of posterior
                 samples are ``seed + index``, so results do not depend on batching).
+            load_size: overrides ``config.load_size`` for this call.
         """
-        latents = self.encode(images, first_index=first_index)
+        latents = self.encode(images, first_index=first_index, load_size=load_size)
         cond = self.backbone.encode_prompts([self.config.prompt]).repeat(latents.shape[0])
         with capture(self.backbone.unet, self.taps, sink) as cap:
             before, after = capture_steps_hooks(cap, self.steps)
@@ -399,6 +406,8 @@ class HyperfeaturePipeline:
         self.backbone = backbone
         self.full_network = network.to(backbone.device).eval()
         network = self.full_network
+        latent = (image_size or backbone.image_size) // backbone.latent_factor
+        check_compatible(network, list_taps(backbone.unet, latent))
         self.top1 = top1
         self.top1_pair: tuple[int, str] | None = None
         if first_k is not None:
@@ -429,7 +438,6 @@ class HyperfeaturePipeline:
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
         )
-        check_compatible(self.full_network, list_taps(backbone.unet, self.extractor.latent_size))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -537,12 +545,11 @@ class HyperfeaturePipeline:
         if isinstance(images, Image.Image):
             images = [images]
         n = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
-        self.extractor.config.load_size = load_size
         outs = []
         for start in range(0, n, batch_size):
             batch = images[start : start + batch_size]
             sink = self._sink()
-            self.extractor.run_images(batch, sink, first_index=start)
+            self.extractor.run_images(batch, sink, first_index=start, load_size=load_size)
             outs.append(sink.result().float())
         return torch.cat(outs)
 

@@ -280,7 +280,7 @@ def read_feature_file(
         ``(maps, metadata)``: ``maps[step][tap] -> (C, h, w)``; metadata values JSON-decoded
         where they were JSON.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -298,7 +298,7 @@ def read_feature_file(
                 if want_taps is not None and tap not in want_taps:
                     continue
                 maps.setdefault(step, {})[tap] = f.get_tensor(key)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # a corrupt header: SafetensorError
         if isinstance(err, FileNotFoundError):
             raise
         raise ValueError(f"feature file {path} is not a readable safetensors file: {err}") from err
