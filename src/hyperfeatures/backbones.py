@@ -305,8 +305,13 @@ class Backbone:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
-        """Text conditioning for ``prompts`` (``""`` = unconditional), batch ``len(prompts)``."""
+    def encode_prompts(
+        self, prompts: Sequence[str], *, image_size: int | None = None
+    ) -> Conditioning:
+        """Text conditioning for ``prompts`` (``""`` = unconditional), batch ``len(prompts)``.
+
+        ``image_size`` (SDXL only) is the VAE input size written into the size/crop time ids
+        (default the backbone's)."""
         prompts = list(prompts)
         hidden: list[torch.Tensor] = []
         pooled = None
@@ -333,7 +338,7 @@ class Backbone:
                     f"backbone {self.name!r}: the second SDXL text encoder gave no pooled "
                     "embedding; it must be a CLIPTextModelWithProjection"
                 )
-            size = float(self.image_size)
+            size = float(image_size or self.image_size)
             time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device)
             added = {
                 "text_embeds": pooled.to(self.dtype),

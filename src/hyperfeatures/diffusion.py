@@ -114,7 +114,8 @@ def generation_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> lis
 def ddim_move(x_t: torch.Tensor, eps: torch.Tensor, a_t: float, a_next: float) -> torch.Tensor:
     """One deterministic DDIM move from ``alpha_bar = a_t`` to ``a_next``.
 
-    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``; ``x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps``.
+    ``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``;
+    ``x_next = sqrt(a_next) x0 + sqrt(1 - a_next) eps``.
     """
     x0 = (x_t - (1.0 - a_t) ** 0.5 * eps) / a_t**0.5
     return a_next**0.5 * x0 + (1.0 - a_next) ** 0.5 * eps

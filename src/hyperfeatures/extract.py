@@ -263,7 +263,7 @@ class ExtractJob:
                     [k for _i, _p, k in chunk], [{"prompt": p} for _i, p, _k in chunk]
                 )
                 images = ex.run_prompts([p for _i, p, _k in chunk], writer, first_index=chunk[0][0])
-                for (_i, prompt, k), img in zip(chunk, images, strict=True):
+                for (_i, _prompt, k), img in zip(chunk, images, strict=True):
                     arr = (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
                     png = self.out / f"{k}.png"
                     tmp = png.with_name(f".{png.name}.tmp")

@@ -214,7 +214,7 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ running
     def encode(
-        self, images: ImageInput, *, first_index: int = 0, load_size: int | None | str = "config"
+        self, images: ImageInput, *, first_index: int = 0, load_size: int | str | None = "config"
     ) -> torch.Tensor:
         """Images -> scaled latents ``(B, 4, image_size / 8, image_size / 8)``.
 
@@ -238,7 +238,7 @@ class FeatureExtractor:
         sink: Any,
         *,
         first_index: int = 0,
-        load_size: int | None | str = "config",
+        load_size: int | str | None = "config",
     ) -> torch.Tensor:
         """Invert ``images`` and send every wanted ``(step, tap, map)`` to ``sink``.
 
@@ -251,7 +251,9 @@ class FeatureExtractor:
             load_size: overrides ``config.load_size`` for this call.
         """
         latents = self.encode(images, first_index=first_index, load_size=load_size)
-        cond = self.backbone.encode_prompts([self.config.prompt]).repeat(latents.shape[0])
+        cond = self.backbone.encode_prompts(
+            [self.config.prompt], image_size=self.image_size
+        ).repeat(latents.shape[0])
         with capture(self.backbone.unet, self.taps, sink) as cap:
             before, after = capture_steps_hooks(cap, self.steps)
             return invert(
@@ -282,8 +284,10 @@ class FeatureExtractor:
         prompts = list(prompts)
         if noise is None:
             noise = self.initial_noise(len(prompts), first_index=first_index)
-        cond = self.backbone.encode_prompts(prompts)
-        uncond = self.backbone.encode_prompts([self.config.negative_prompt] * len(prompts))
+        cond = self.backbone.encode_prompts(prompts, image_size=self.image_size)
+        uncond = self.backbone.encode_prompts(
+            [self.config.negative_prompt] * len(prompts), image_size=self.image_size
+        )
         with capture(self.backbone.unet, self.taps, sink) as cap:
             before, after = capture_steps_hooks(cap, self.steps)
 
