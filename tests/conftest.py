@@ -8,10 +8,10 @@ import os
 # may reach the network or download weights.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from hyperfeatures.backbones import Backbone, load_backbone  # noqa: E402
+from hyperfeatures.backbones import Backbone, load_backbone
 
 # The test models are tiny: one intra-op thread is faster than several, and on a shared
 # machine several threads spinning against other processes make a 40 ms forward take seconds.

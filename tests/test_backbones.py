@@ -74,9 +74,7 @@ def test_tiny_sd_structure(tiny_sd: Backbone) -> None:
     assert tiny_sd.family == "sd" and tiny_sd.prediction_type == "epsilon"
     assert len(unet.up_blocks) == 4
     assert [len(b.resnets) for b in unet.up_blocks] == [3, 3, 3, 3]
-    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + [
-        "CrossAttnUpBlock2D"
-    ] * 3
+    assert [type(b).__name__ for b in unet.up_blocks] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
     for block in unet.up_blocks[1:]:
         attn2 = block.attentions[0].transformer_blocks[0].attn2
         assert attn2.is_cross_attention
@@ -105,13 +103,12 @@ def test_tiny_sdxl_structure(tiny_sdxl: Backbone) -> None:
 def test_seeded_random_weights(tiny_sd: Backbone) -> None:
     same = load_backbone("tiny-sd", seed=0)
     other = load_backbone("tiny-sd", seed=1)
-    ref = tiny_sd.unet.state_dict()
-    assert all(torch.equal(v, same.unet.state_dict()[k]) for k, v in ref.items())
-    assert all(
-        torch.equal(v, same.text_encoders[0].state_dict()[k])
-        for k, v in tiny_sd.text_encoders[0].state_dict().items()
-    )
-    differs = [k for k, v in ref.items() if not torch.equal(v, other.unet.state_dict()[k])]
+    ref, same_sd, other_sd = (b.unet.state_dict() for b in (tiny_sd, same, other))
+    assert all(torch.equal(v, same_sd[k]) for k, v in ref.items())
+    text_ref = tiny_sd.text_encoders[0].state_dict()
+    text_same = same.text_encoders[0].state_dict()
+    assert all(torch.equal(v, text_same[k]) for k, v in text_ref.items())
+    differs = [k for k, v in ref.items() if not torch.equal(v, other_sd[k])]
     assert len(differs) > len(ref) // 2
     # seeding does not disturb the global random state
     torch.manual_seed(123)
@@ -142,6 +139,35 @@ def test_encode_prompts_shapes(tiny_sd: Backbone, tiny_sdxl: Backbone) -> None:
     assert one.encoder_hidden_states.shape == (4, 77, 64)
     assert one.added_cond_kwargs["text_embeds"].shape == (4, 32)  # type: ignore[index]
     torch.testing.assert_close(one.encoder_hidden_states[3], cond.encoder_hidden_states[1])
+
+
+def _tokens(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def test_encode_prompts_uses_the_right_layers(tiny_sd: Backbone, tiny_sdxl: Backbone) -> None:
+    """SD: the text encoder's last hidden state. SDXL: the penultimate hidden state of both
+    encoders, concatenated, and the second encoder's projected pooled embedding."""
+    prompts = ["a cat", "a dog"]
+    with torch.no_grad():
+        out = tiny_sd.text_encoders[0](_tokens(tiny_sd.tokenizers[0], prompts))
+    torch.testing.assert_close(
+        tiny_sd.encode_prompts(prompts).encoder_hidden_states, out.last_hidden_state
+    )
+    with torch.no_grad():
+        outs = [
+            enc(_tokens(tok, prompts), output_hidden_states=True)
+            for tok, enc in zip(tiny_sdxl.tokenizers, tiny_sdxl.text_encoders, strict=True)
+        ]
+    cond = tiny_sdxl.encode_prompts(prompts)
+    expected = torch.cat([o.hidden_states[-2] for o in outs], dim=-1)
+    torch.testing.assert_close(cond.encoder_hidden_states, expected)
+    assert not torch.allclose(
+        cond.encoder_hidden_states[..., 32:], outs[1].last_hidden_state, atol=1e-4
+    )
+    torch.testing.assert_close(cond.added_cond_kwargs["text_embeds"], outs[1].text_embeds)  # type: ignore[index]
 
 
 def test_offline_tokenizer() -> None:

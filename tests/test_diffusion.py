@@ -7,6 +7,7 @@ the guidance test runs on the tiny-sd backbone.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -22,8 +23,8 @@ from hyperfeatures.diffusion import (
     ddim_move,
     generate,
     generation_timesteps,
-    invert,
     inversion_timesteps,
+    invert,
     parse_steps,
     schedule_for,
     to_epsilon,
@@ -230,11 +231,15 @@ def test_invert_matches_a_closed_form_loop() -> None:
     alphas = DDIMScheduler(**SD_BETAS).alphas_cumprod.tolist()
     times = [-1, 0, 200, 400, 600, 800]
     x = latents.clone()
-    for t, t_next in zip(times[:-1], times[1:], strict=True):
+    for t, t_next in itertools.pairwise(times):
         a_t = 1.0 if t < 0 else alphas[t]
         a_next = alphas[t_next]
-        e = unet(x, torch.tensor([t]), encoder_hidden_states=cond.encoder_hidden_states,
-                 return_dict=False)[0]
+        e = unet(
+            x,
+            torch.tensor([t]),
+            encoder_hidden_states=cond.encoder_hidden_states,
+            return_dict=False,
+        )[0]
         x0 = (x - math.sqrt(1 - a_t) * e) / math.sqrt(a_t)
         x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * e
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
@@ -340,7 +345,7 @@ def test_round_trip_scalar_factor_is_exact() -> None:
 
     grid = [-1, *range(0, 1000, 1000 // num_steps)]
     factor = 1.0
-    for t, t_next in zip(grid[:-1], grid[1:], strict=True):
+    for t, t_next in itertools.pairwise(grid):
         factor *= gain(t, t_next) * gain(t_next, t)
     unet = GaussianDenoiser(sched.alphas_cumprod, std)
     x0 = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))

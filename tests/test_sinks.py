@@ -183,11 +183,11 @@ def test_disk_writer_errors(tmp_path: Path) -> None:
 
 
 def test_read_feature_file_errors(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.safetensors"):
         read_feature_file(tmp_path / "missing.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(ValueError, match="bad.safetensors"):
+    with pytest.raises(ValueError, match=r"bad\.safetensors"):
         read_feature_file(bad)
     wrong = tmp_path / "wrong.safetensors"
     safetensors.torch.save_file({"weights": torch.zeros(2)}, str(wrong))

@@ -305,7 +305,7 @@ def test_tap_names_follow_execution_order(tiny_sd: Backbone, tiny_sdxl: Backbone
         names = tap_names(backbone.unet)
         order: list[str] = []
         x, t, cond = _inputs(backbone, size=(8, 8))
-        with capture(backbone.unet, names, lambda _s, tap, _m: order.append(tap)):
+        with capture(backbone.unet, names, lambda _s, tap, _m, order=order: order.append(tap)):
             _forward(backbone, x, t, cond)
         assert order == names
 
@@ -320,13 +320,22 @@ def test_presets_on_tiny_sd(tiny_sd: Backbone) -> None:
     attention = list(resolve_taps(unet, "attention"))
     assert attention and all(n.startswith("up_blocks.") for n in attention)
     assert {kinds[n] for n in attention} == {
-        "attn-q", "attn-k", "attn-v", "attn-out", "cross-q", "cross-out", "ff", "block",
-    }  # fmt: skip
+        "attn-q",
+        "attn-k",
+        "attn-v",
+        "attn-out",
+        "cross-q",
+        "cross-out",
+        "ff",
+        "block",
+    }
     extended = list(resolve_taps(unet, "extended"))
     assert set(DHF_TINY_SD) | set(attention) < set(extended)
     assert {kinds[n] for n in extended} - {kinds[n] for n in attention} == {
-        "resnet", "transformer", "upsampler",
-    }  # fmt: skip
+        "resnet",
+        "transformer",
+        "upsampler",
+    }
     assert all(n.startswith("up_blocks.") for n in extended)
     assert set(PRESETS) == {"dhf", "layer-4", "concat-all", "attention", "extended"}
 
@@ -425,13 +434,22 @@ class _Toy(nn.Module):
                 "0": nn.ModuleDict(
                     {
                         "resnets": nn.ModuleList(
-                            [ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=None,
-                                           groups=4)]
+                            [
+                                ResnetBlock2D(
+                                    in_channels=8, out_channels=16, temb_channels=None, groups=4
+                                )
+                            ]
                         ),
                         "attentions": nn.ModuleList(
-                            [Transformer2DModel(num_attention_heads=2, attention_head_dim=8,
-                                                in_channels=16, norm_num_groups=4,
-                                                cross_attention_dim=12)]
+                            [
+                                Transformer2DModel(
+                                    num_attention_heads=2,
+                                    attention_head_dim=8,
+                                    in_channels=16,
+                                    norm_num_groups=4,
+                                    cross_attention_dim=12,
+                                )
+                            ]
                         ),
                         "upsamplers": nn.ModuleList([Upsample2D(16, use_conv=True)]),
                     }

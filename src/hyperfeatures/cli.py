@@ -425,8 +425,9 @@ def eval_command(
     for key in ("results", "per_category", "predictions"):
         console.print(f"  {written[key]}", highlight=False)
     if written["figures"]:
+        count = len(written["figures"])
         console.print(
-            f"  {target / 'figures'} ({len(written['figures'])} figures)", highlight=False
+            f"  {target / 'figures'} ({count} figure{'s' if count > 1 else ''})", highlight=False
         )
 
 

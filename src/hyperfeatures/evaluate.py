@@ -302,9 +302,8 @@ class TapMethod:
         """``(B, sum C, h, w)`` float32 maps (``h = w = output_size`` when set)."""
         from .sinks import KeepAll
 
-        self.extractor.config.load_size = load_size
         sink = KeepAll(self.output_size)
-        self.extractor.run_images(list(images), sink)
+        self.extractor.run_images(list(images), sink, load_size=load_size)
         taps = list(self.extractor.taps.values())
         return sink.stacked(taps=taps, steps=self.extractor.steps).float()
 
@@ -972,34 +971,47 @@ class EvalResult:
         )
 
     def table(self) -> Table:
-        """A rich table: one row per category and ``all``; pooled and per-image PCK columns."""
+        """A rich table: one row per category and ``all``.
+
+        Columns: ``pairs``, ``kps`` (keypoints), then for each alpha the pooled PCK with the
+        image (``img``) and bounding-box (``bbox``) thresholds, then the same figures as means
+        over pairs (``img*``, ``bbox*``). Percentages with two decimals, ``-`` where no keypoint
+        was scored. Compact enough for an 80-column terminal with two alphas.
+        """
+        from rich import box
         from rich.table import Table
 
         label = self.method.get("label", self.method.get("method", "method"))
         table = Table(
             title=f"{label} on {self.dataset}: PCK (%), load size {self.load_size}",
-            caption="pooled over keypoints; 'per img' = mean over pairs",
+            caption="img / bbox: pooled over keypoints; img* / bbox*: mean over pairs",
+            box=box.SIMPLE_HEAD,
+            padding=0,
+            show_edge=False,
         )
         table.add_column("category", no_wrap=True)
-        table.add_column("pairs", justify="right")
-        table.add_column("kps", justify="right")
+        table.add_column("pairs", justify="right", no_wrap=True)
+        table.add_column("kps", justify="right", no_wrap=True)
         kinds = ["img", "bbox"] if self.has_bbox else ["img"]
         columns = []
-        for suffix, head in (("", ""), ("_per_image", " per img")):
+        for suffix, mark in (("", ""), ("_per_image", "*")):
             for alpha in self.alphas:
                 for kind in kinds:
                     columns.append(f"pck_{kind}@{alpha:g}{suffix}")
-                    table.add_column(f"@{alpha:g} {kind}{head}", justify="right")
+                    table.add_column(
+                        f"{kind}{mark}\n@{alpha:g}", justify="right", no_wrap=True, min_width=6
+                    )
         rows = self.accumulator.to_rows()
         for i, row in enumerate(rows):
-            if i == len(rows) - 1:
+            last = i == len(rows) - 1
+            if last:
                 table.add_section()
             table.add_row(
                 str(row["category"]),
                 str(row["pairs"]),
                 str(row["keypoints"]),
                 *(_fmt_pct(row[c]) for c in columns),
-                style="bold" if i == len(rows) - 1 else None,
+                style="bold" if last else None,
             )
         return table
 
@@ -1226,7 +1238,7 @@ def evaluate(
     predictions: list[PairPrediction] = []
     image_seconds: list[float] = []
     match_seconds: list[float] = []
-    first_desc: torch.Tensor | None = None
+    desc_info: dict[str, Any] = {}  # shape, dtype, bytes and device of one descriptor
     start = time.perf_counter()
     bar = Progress(
         TextColumn("[bold]{task.description}"),
@@ -1244,8 +1256,14 @@ def evaluate(
             if computed:
                 image_seconds.extend([seconds / computed] * computed)
             src_desc, trg_desc = descs
-            if first_desc is None:
-                first_desc = src_desc
+            if not desc_info:
+                desc_info = {
+                    "descriptor_shape": [int(n) for n in src_desc.shape],
+                    "descriptor_dtype": str(src_desc.dtype).removeprefix("torch."),
+                    "descriptor_bytes": _nbytes(src_desc),
+                    "descriptor_bytes_at_load_size": int(src_desc.shape[0]) * load_size**2 * 4,
+                    "device": str(src_desc.device),
+                }
             t0 = time.perf_counter()
             matches = match_points_with_scores(
                 src_desc,
@@ -1261,16 +1279,16 @@ def evaluate(
             seconds_match = time.perf_counter() - t0
             match_seconds.append(seconds_match)
             predicted = matches.points.cpu().numpy().astype(np.float64)
+            gt = np.array(pair.target_points, dtype=np.float64)  # a writable copy
             bbox = pair.target_bbox if use_bbox else None
             accumulator.add(
                 predicted,
-                pair.target_points,
+                gt,
                 image_size=pair.target_size,
                 bbox=bbox,
                 category=pair.category,
                 pair_id=pair_id,
             )
-            gt = pair.target_points
             correct_img = pck(predicted, gt, threshold_from_image(pair.target_size), alpha_list)
             correct_bbox = (
                 pck(predicted, gt, threshold_from_bbox(bbox), alpha_list).numpy()
@@ -1287,7 +1305,7 @@ def evaluate(
                     target_size=tuple(pair.target_size),  # type: ignore[arg-type]
                     target_bbox=bbox,
                     source_points=np.asarray(pair.source_points, dtype=np.float64),
-                    target_points=np.asarray(gt, dtype=np.float64),
+                    target_points=gt,
                     predicted_points=predicted,
                     scores=matches.scores.float().cpu().numpy().astype(np.float64),
                     distances=np.linalg.norm(predicted - gt, axis=1),
@@ -1300,8 +1318,6 @@ def evaluate(
             bar.advance(task)
     total = time.perf_counter() - start
 
-    assert first_desc is not None
-    c, h, w = first_desc.shape
     per_image = float(np.mean(image_seconds)) if image_seconds else 0.0
     per_match = float(np.mean(match_seconds))
     timing = {
@@ -1314,11 +1330,7 @@ def evaluate(
         "total_seconds": total,
         "images_computed": len(image_seconds),
         "cache_hits": cache.hits,
-        "descriptor_shape": [int(c), int(h), int(w)],
-        "descriptor_dtype": str(first_desc.dtype).removeprefix("torch."),
-        "descriptor_bytes": _nbytes(first_desc),
-        "descriptor_bytes_at_load_size": int(c) * load_size * load_size * 4,
-        "device": str(first_desc.device),
+        **desc_info,
     }
     result = EvalResult(
         dataset=dataset_name,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -65,6 +66,18 @@ def _keys_for(paths: Sequence[Path]) -> list[str]:
     for s in stems:
         counts[s] = counts.get(s, 0) + 1
     return [s if counts[s] == 1 else f"{s}_{i:05d}" for i, s in enumerate(stems)]
+
+
+def _consecutive_runs(items: Sequence[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """Split ``items`` (tuples whose first field is an input index) into runs of consecutive
+    indices: ``[(0, ..), (1, ..), (3, ..)] -> [[(0, ..), (1, ..)], [(3, ..)]]``."""
+    runs: list[list[tuple[Any, ...]]] = []
+    for item in items:
+        if runs and runs[-1][-1][0] + 1 == item[0]:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
 
 
 @dataclass
@@ -202,7 +215,7 @@ class ExtractJob:
             task = bar.add_task("extracting", total=len(todo))
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
-                images, ok = [], []
+                ok: list[tuple[int, Path, str, Image.Image]] = []
                 for i, p, k in chunk:
                     try:
                         img = load_image(p)
@@ -213,22 +226,27 @@ class ExtractJob:
                             {"input": str(p), "key": k, "status": "failed", "error": str(err)}
                         )
                         continue
-                    images.append(img)
-                    ok.append((i, p, k, img.size))
-                if ok:
+                    ok.append((i, p, k, img))
+                # Posterior-sample seeds are seed + input index and run_images numbers its
+                # batch from first_index: batch only runs of consecutive indices (a skipped or
+                # unreadable input in between would shift the seeds of those after it).
+                for run in _consecutive_runs(ok):
                     writer.begin_batch(
-                        [k for _i, _p, k, _s in ok],
-                        [{"source": str(p), "original_size": list(s)} for _i, p, _k, s in ok],
+                        [k for _i, _p, k, _img in run],
+                        [
+                            {"source": str(p), "original_size": list(img.size)}
+                            for _i, p, _k, img in run
+                        ],
                     )
-                    ex.run_images(images, writer, first_index=ok[0][0])
-                    for path, (_i, p, k, s) in zip(writer.end_batch(), ok, strict=True):
+                    ex.run_images([img for *_, img in run], writer, first_index=run[0][0])
+                    for path, (_i, p, k, img) in zip(writer.end_batch(), run, strict=True):
                         items.append(
                             {
                                 "input": str(p),
                                 "key": k,
                                 "file": path.name,
                                 "status": "ok",
-                                "original_size": list(s),
+                                "original_size": list(img.size),
                             }
                         )
                 self._save_manifest()
@@ -239,8 +257,6 @@ class ExtractJob:
     # ------------------------------------------------------------------ prompts
     def run_prompts(self, prompts_file: str | os.PathLike[str]) -> dict[str, Any]:
         """Generate an image per prompt, write its features and the image."""
-        from PIL import Image
-
         prompts = read_prompts(prompts_file)
         ex = self._extractor()
         self.out.mkdir(parents=True, exist_ok=True)
@@ -257,8 +273,13 @@ class ExtractJob:
                 todo.append((i, prompt, k))
         with self._progress() as bar:
             task = bar.add_task("generating", total=len(todo))
-            for start in range(0, len(todo), self.batch_size):
-                chunk = todo[start : start + self.batch_size]
+            # noise seeds are seed + prompt index: batch only consecutive indices (see images)
+            chunks = [
+                run[start : start + self.batch_size]
+                for run in _consecutive_runs(todo)
+                for start in range(0, len(run), self.batch_size)
+            ]
+            for chunk in chunks:
                 writer.begin_batch(
                     [k for _i, _p, k in chunk], [{"prompt": p} for _i, p, _k in chunk]
                 )

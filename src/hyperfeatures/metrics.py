@@ -54,7 +54,7 @@ def _to_tensor(x: ArrayLike, name: str) -> torch.Tensor:
         t = x.detach().cpu()
     else:
         try:
-            t = torch.as_tensor(np.asarray(x, dtype=np.float64))
+            t = torch.from_numpy(np.array(x, dtype=np.float64))  # a copy: inputs may be read-only
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name} must be numeric (a tensor, array or list): {err}") from None
     if t.is_complex() or t.dtype == torch.bool:

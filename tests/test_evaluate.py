@@ -1,0 +1,462 @@
+"""Tests of the benchmark runner (tiny random-weight models and generated datasets only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+
+import hyperfeatures.evaluate as evaluate_module
+from hyperfeatures.backbones import Backbone
+from hyperfeatures.datasets import (
+    ImageNotFoundError,
+    KeypointPair,
+    PairDataset,
+    load_spair,
+    save_pair_list,
+)
+from hyperfeatures.datasets._testing import write_image, write_spair_fixture
+from hyperfeatures.evaluate import (
+    METHODS,
+    DescriptorCache,
+    EvalResult,
+    Method,
+    create_method,
+    evaluate,
+    list_methods,
+    load_benchmark,
+    match_pair,
+)
+from hyperfeatures.taps import TapError
+
+IMAGE_SIZE = (96, 64)  # (W, H) of the fixture images
+
+
+# --------------------------------------------------------------------------- fixtures
+def _make_self_pairs(root: Path, category: str) -> None:
+    """Rewrite ``category``'s SPair annotations so that target = source (image and points)."""
+    for path in (root / "PairAnnotation" / "test").glob(f"*:{category}.json"):
+        data = json.loads(path.read_text())
+        for key in ("imname", "kps", "bndbox", "imsize"):
+            data[f"trg_{key}"] = data[f"src_{key}"]
+        path.write_text(json.dumps(data))
+
+
+@pytest.fixture(scope="module")
+def spair_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SPair tree: 'cat' (ordinary pairs) and 'bird' (every pair matches an image to itself)."""
+    root = write_spair_fixture(
+        tmp_path_factory.mktemp("data") / "SPair-71k",
+        categories=("cat", "bird"),
+        pairs_per_category=2,
+        image_size=IMAGE_SIZE,
+    )
+    _make_self_pairs(root, "bird")
+    return root
+
+
+@pytest.fixture(scope="module")
+def spair(spair_root: Path) -> PairDataset:
+    return load_spair(spair_root, split="test")
+
+
+class ConstantMethod:
+    """Every pixel has the same descriptor: all matches tie, the first pixel (0, 0) wins."""
+
+    name = "constant"
+
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+
+    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+        self.batches.append(len(images))
+        return torch.ones(len(images), 3, 4, 4)
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "label": "Constant"}
+
+
+class BadShapeMethod(ConstantMethod):
+    name = "bad-shape"
+
+    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+        return torch.ones(3, 4, 4)
+
+
+class NaNMethod(ConstantMethod):
+    name = "nan"
+
+    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+        return torch.full((len(images), 3, 4, 4), float("nan"))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _recompute_pck(pairs: list[dict[str, Any]], kind: str, alpha: float) -> float:
+    """Pooled PCK from predictions.json alone (independent of the accumulator)."""
+    correct = total = 0
+    for p in pairs:
+        if kind == "img":
+            thr = max(p["target_size"])
+        else:
+            x1, y1, x2, y2 = p["target_bbox"]
+            thr = max(x2 - x1, y2 - y1)
+        for pred, gt in zip(p["predicted_points"], p["target_points"], strict=True):
+            total += 1
+            correct += math.dist(pred, gt) <= alpha * thr
+    return 100.0 * correct / total
+
+
+# --------------------------------------------------------------------------- end to end
+METHOD_CASES = {
+    "hyperfeatures": {"num_steps": 1, "image_size": 64},
+    "layer-4": {"image_size": 256},  # Layer 4 is 8x8 at 256 px: fine enough to self-match
+    "concat-all": {"image_size": 64},
+    "dino": {"model": "tiny-dino", "image_size": 64},
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_CASES))
+def test_self_pairs_score_100_and_outputs_agree(
+    name: str, spair: PairDataset, tiny_sd: Backbone, tmp_path: Path
+) -> None:
+    options = dict(METHOD_CASES[name])
+    if METHODS[name].kind == "diffusion":
+        options["model"] = tiny_sd
+    if name == "hyperfeatures":
+        with pytest.warns(UserWarning, match="UNTRAINED"):
+            method = create_method(name, **options)
+    else:
+        method = create_method(name, **options)
+    assert isinstance(method, Method)
+    load_size = 224 if name == "dino" else 64
+    result = evaluate(method, spair, load_size=load_size, progress=False, figures=2)
+
+    # self pairs: every keypoint finds itself
+    assert result.pck("img", category="bird") == 100.0
+    assert result.pck("bbox", category="bird") == 100.0
+    for pred in result.predictions:
+        if pred.category == "bird":
+            assert np.abs(pred.predicted_points - pred.target_points).max() <= 0.05 * 96
+
+    # counts agree everywhere
+    total_kps = sum(p.num_points for p in spair)
+    overall = result.summary["overall"]
+    assert overall["pairs"] == len(spair) == len(result.predictions) == 4
+    assert overall["keypoints"] == total_kps
+    written = result.write(tmp_path / "out")
+    rows = {r["category"]: r for r in _read_csv(written["per_category"])}
+    assert set(rows) == {"bird", "cat", "all"}
+    assert int(rows["all"]["pairs"]) == 4 and int(rows["all"]["keypoints"]) == total_kps
+    assert int(rows["bird"]["pairs"]) == 2
+    assert float(rows["bird"]["pck_img@0.1"]) == 100.0
+    results = json.loads(written["results"].read_text())
+    assert results["summary"] == json.loads(json.dumps(result.summary))
+    assert results["dataset"]["pairs_evaluated"] == 4
+    assert results["method"]["method"] == name
+    assert len(results["pairs"]) == 4
+    assert sum(p["keypoints"] for p in results["pairs"]) == total_kps
+    predictions = json.loads(written["predictions"].read_text())["pairs"]
+    assert [p["pair_id"] for p in predictions] == [p.pair_id for p in spair]
+    for kind in ("img", "bbox"):
+        expected = _recompute_pck(predictions, kind, 0.1)
+        assert float(rows["all"][f"pck_{kind}@0.1"]) == pytest.approx(expected)
+    assert [p.name for p in written["figures"]] == ["pair_000.png", "pair_001.png"]
+    assert all(Image.open(p).size[0] > 0 for p in written["figures"])
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+    timing = result.timing
+    assert timing["images_computed"] == 4  # 2 cat images + 2 bird images, each once
+    assert timing["seconds_per_pair"] > 0
+    c, h, w = timing["descriptor_shape"]
+    assert timing["descriptor_bytes"] == c * h * w * 4
+    assert timing["descriptor_bytes_at_load_size"] == c * load_size * load_size * 4
+
+
+def test_constant_descriptors_land_on_the_first_pixel(tmp_path: Path) -> None:
+    """A hand-made case: every prediction is (0, 0), so PCK is 0 for far points, 100 near."""
+    a = write_image(tmp_path / "a.png", IMAGE_SIZE, seed=1)
+    b = write_image(tmp_path / "b.png", IMAGE_SIZE, seed=2)
+    far = KeypointPair(
+        a,
+        b,
+        source_points=[[10, 10], [30, 40], [80, 50]],
+        target_points=[[60, 40], [70, 50], [90, 60]],
+        category="far",
+        target_bbox=(40, 20, 95, 63),
+        pair_id="far",
+    )
+    near = KeypointPair(
+        b,
+        a,
+        source_points=[[5, 5], [50, 30]],
+        target_points=[[0, 0], [3, 2]],
+        category="near",
+        target_bbox=(0, 0, 40, 40),
+        pair_id="near",
+    )
+    method = ConstantMethod()
+    result = evaluate(method, PairDataset([far, near], name="hand"), progress=False)
+    for pred in result.predictions:
+        np.testing.assert_array_equal(pred.predicted_points, np.zeros((pred.scores.size, 2)))
+    assert result.pck("img", category="far") == 0.0
+    assert result.pck("bbox", category="far") == 0.0
+    assert result.pck("img", category="near") == 100.0
+    assert result.pck("bbox", category="near") == 100.0  # (3, 2) is 3.6 px from (0, 0) <= 4
+    assert result.pck("img") == pytest.approx(100 * 2 / 5)
+    assert result.pck("img", per_image=True) == pytest.approx(50.0)
+    assert method.batches == [2]  # a and b computed together once, then cached
+    far_pred = result.predictions[0]
+    assert far_pred.correct_img.shape == (1, 3) and not far_pred.correct_img.any()
+    np.testing.assert_allclose(far_pred.distances, np.hypot([60, 70, 90], [40, 50, 60]))
+
+    text = Console(record=True, width=200)
+    text.print(result.table())
+    rendered = text.export_text()
+    assert "Constant on hand" in rendered
+    for row in ("far", "near", "all"):
+        assert row in rendered
+    assert "40.00" in rendered and "100.00" in rendered
+    assert "PCK@0.1 img 40.00 / bbox 40.00 over 2 pairs, 5 keypoints" in result.summary_line()
+
+
+class PositionMethod(ConstantMethod):
+    """Descriptor = an injective code of the normalised grid position, on the load grid."""
+
+    name = "position"
+
+    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+        t = (torch.arange(load_size, dtype=torch.float32) + 0.5) / load_size * (math.pi / 2)
+        ys, xs = torch.meshgrid(t, t, indexing="ij")
+        code = torch.stack([xs.cos(), xs.sin(), ys.cos(), ys.sin()])
+        return code.expand(len(images), -1, -1, -1).clone()
+
+
+def test_predictions_follow_the_load_grid_protocol(tmp_path: Path) -> None:
+    """Source (96 x 64) to target (48 x 80): a point is scaled onto the load grid, rounded,
+    clipped to it, and the grid position scaled back to the target image (REFERENCE 5)."""
+    a = write_image(tmp_path / "a.png", (96, 64), seed=1)
+    b = write_image(tmp_path / "b.png", (48, 80), seed=2)
+    src = np.array([[0.0, 0.0], [10.2, 50.7], [95.0, 63.0], [47.3, 20.9]])
+    load = 32
+    grid = np.clip(np.round(src * [load / 96, load / 64]), 0, load - 1)  # rounded, clipped
+    expected = grid * [48 / load, 80 / load]
+    pair = KeypointPair(a, b, src, expected, category="x", target_bbox=(0, 0, 48, 80))
+    result = evaluate(PositionMethod(), [pair], load_size=load, progress=False)
+    np.testing.assert_allclose(result.predictions[0].predicted_points, expected, atol=1e-4)
+    assert result.pck("img") == 100.0
+    np.testing.assert_allclose(result.predictions[0].scores, 1.0, atol=1e-5)
+
+
+def test_several_alphas_without_boxes(tmp_path: Path) -> None:
+    a = write_image(tmp_path / "a.png", IMAGE_SIZE, seed=1)
+    pair = KeypointPair(
+        a, a, [[1, 1], [1, 1]], [[0, 5], [0, 20]], category="x", pair_id="p"
+    )  # predictions (0, 0): 5 px and 20 px from the truth; thresholds 4.8 / 9.6 / 19.2 / 28.8
+    result = evaluate(ConstantMethod(), [pair], alphas=(0.05, 0.1, 0.2, 0.3), progress=False)
+    assert not result.has_bbox
+    assert [result.pck("img", a) for a in (0.05, 0.1, 0.2, 0.3)] == [0.0, 50.0, 50.0, 100.0]
+    with pytest.raises(ValueError, match=r"pck_bbox@0\.1"):
+        result.pck("bbox", 0.1)
+    written = result.write(tmp_path / "out")
+    header = _read_csv(written["per_category"])[0].keys()
+    assert "pck_img@0.05" in header and not any("bbox" in h for h in header)
+
+
+# --------------------------------------------------------------------------- the cache
+def test_each_image_is_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_spair_fixture(
+        tmp_path / "spair", categories=("cat", "dog"), pairs_per_category=6, image_size=(48, 32)
+    )
+    data = load_spair(root)
+    paths = {p.source_path for p in data} | {p.target_path for p in data}
+    assert len(data) == 12 and len(paths) == 6  # each image is in 4 pairs
+    loads: dict[str, int] = {}
+    real_load = evaluate_module.load_image
+
+    def counting_load(path: Any, **kwargs: Any) -> Image.Image:
+        loads[str(path)] = loads.get(str(path), 0) + 1
+        return real_load(path, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "load_image", counting_load)
+    method = ConstantMethod()
+    result = evaluate(method, data, load_size=32, progress=False)
+    assert sum(method.batches) == 6
+    assert loads == {str(p): 1 for p in paths}
+    assert result.timing["images_computed"] == 6
+    assert result.timing["cache_hits"] == 2 * 12 - 6
+
+    # a cache of one entry must recompute, and give the same predictions
+    loads.clear()
+    small = evaluate(ConstantMethod(), data, load_size=32, progress=False, cache_items=1)
+    assert small.timing["images_computed"] > 6
+    for p, q in zip(result.predictions, small.predictions, strict=True):
+        np.testing.assert_array_equal(p.predicted_points, q.predicted_points)
+
+
+def test_descriptor_cache_is_lru_and_bounded() -> None:
+    cache = DescriptorCache(max_items=2, max_bytes=None)
+    a, b, c = (torch.zeros(1, 2, 2) + i for i in range(3))
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # a becomes the most recent
+    cache.put("c", c)  # evicts b
+    assert "b" not in cache and "a" in cache and "c" in cache
+    assert cache.get("b") is None and (cache.hits, cache.misses) == (1, 1)
+    by_bytes = DescriptorCache(max_items=10, max_bytes=40)
+    by_bytes.put("a", torch.zeros(8))  # 32 bytes
+    by_bytes.put("b", torch.zeros(8))  # 64 > 40: a goes
+    assert len(by_bytes) == 1 and by_bytes.nbytes == 32
+    by_bytes.put("big", torch.zeros(100))  # larger than the bound: kept alone
+    assert len(by_bytes) == 1 and "big" in by_bytes
+    with pytest.raises(ValueError, match="max_items"):
+        DescriptorCache(max_items=0)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_descriptors_and_missing_images_fail_clearly(spair_root: Path, tmp_path: Path) -> None:
+    data = load_spair(spair_root)
+    with pytest.raises(ValueError, match=r"'bad-shape' returned \(3, 4, 4\)"):
+        evaluate(BadShapeMethod(), data, progress=False)
+    with pytest.raises(ValueError, match=r"NaN or infinite descriptors for .*\.jpg"):
+        evaluate(NaNMethod(), data, progress=False)
+    with pytest.raises(ValueError, match="no pairs"):
+        evaluate(ConstantMethod(), PairDataset([], name="empty"), progress=False)
+    with pytest.raises(ValueError, match="load_size"):
+        evaluate(ConstantMethod(), data, load_size=0, progress=False)
+    with pytest.raises(ValueError, match="max_pairs"):
+        evaluate(ConstantMethod(), data, max_pairs=0, progress=False)
+
+    a = write_image(tmp_path / "a.png", IMAGE_SIZE, seed=1)
+    b = write_image(tmp_path / "gone.png", IMAGE_SIZE, seed=2)
+    pair = KeypointPair(
+        a, b, [[1, 1]], [[2, 2]], "x", source_size=IMAGE_SIZE, target_size=IMAGE_SIZE
+    )
+    b.unlink()
+    with pytest.raises(ImageNotFoundError, match=r"gone\.png"):
+        evaluate(ConstantMethod(), [pair], progress=False)
+
+
+def test_max_pairs_keeps_the_first_pairs(spair: PairDataset) -> None:
+    result = evaluate(ConstantMethod(), spair, max_pairs=3, progress=False)
+    assert [p.pair_id for p in result.predictions] == [p.pair_id for p in spair][:3]
+    assert result.dataset_pairs == 4 and result.summary["overall"]["pairs"] == 3
+
+
+# --------------------------------------------------------------------------- the factory
+def test_unknown_method_and_misplaced_options(tiny_sd: Backbone) -> None:
+    with pytest.raises(ValueError, match=r"unknown method 'sift'.*hyperfeatures.*tap:<name>"):
+        create_method("sift")
+    assert list_methods()[:5] == ["hyperfeatures", "layer-4", "concat-all", "dino", "dinov2"]
+    with pytest.raises(ValueError, match=r"aggregator='x\.pt'.*not an option of method 'dino'"):
+        create_method("dino", model="tiny-dino", aggregator="x.pt")
+    with pytest.raises(ValueError, match=r"first_k=3.*'layer-4'"):
+        create_method("layer-4", model=tiny_sd, first_k=3)
+    with pytest.raises(ValueError, match=r"step must be an integer in 0\.\.0"):
+        create_method("layer-4", model=tiny_sd, step=1)
+    with pytest.raises(TapError, match="hyperfeatures layers"):
+        create_method("tap:up_blocks.9.resnets.0", model=tiny_sd, image_size=64)
+    with pytest.raises(ValueError, match="needs a tap name"):
+        create_method("tap:")
+
+
+def test_tap_and_concat_all_descriptors(tiny_sd: Backbone) -> None:
+    images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (30, 40), "white")]
+    tap = create_method("tap:up_blocks.3.resnets.2", model=tiny_sd, image_size=64)
+    desc = tap.descriptors(images, load_size=64)
+    assert desc.shape == (2, 16, 8, 8) and desc.dtype == torch.float32
+    info = tap.describe()
+    assert info["taps"] == ["up_blocks.3.resnets.2"] and info["steps"] == [0]
+    assert info["num_steps"] == 1
+    concat = create_method("concat-all", model=tiny_sd, image_size=64, num_steps=2, step=1)
+    desc = concat.descriptors(images, load_size=64)
+    info = concat.describe()
+    assert desc.shape == (2, info["output_channels"], 64, 64)
+    assert len(info["taps"]) == 12 and info["steps"] == [1] and info["label"] == "SD-Concat-All"
+    layer4 = create_method("layer-4", model=tiny_sd, image_size=64).describe()
+    assert layer4["taps"] == ["up_blocks.1.resnets.0"] and layer4["label"] == "SD-Layer-4"
+
+
+def test_trained_aggregator_sources(tiny_sd: Backbone, tmp_path: Path) -> None:
+    from hyperfeatures.pipeline import untrained_network
+
+    net = untrained_network(tiny_sd, num_steps=2, steps="all", image_size=64, projection_dim=128)
+    with pytest.raises(ValueError, match="T=2 the aggregator was trained with"):
+        create_method("hyperfeatures", model=tiny_sd, aggregator=net, num_steps=5)
+    with pytest.raises(ValueError, match="steps is for an untrained network"):
+        create_method("hyperfeatures", model=tiny_sd, aggregator=net, steps="all")
+    net.save_pretrained(tmp_path / "agg")
+    method = create_method(
+        "hyperfeatures", model=tiny_sd, aggregator=tmp_path / "agg", image_size=64, first_k=1
+    )
+    info = method.describe()
+    assert info["aggregator"] == str(tmp_path / "agg") and not info["untrained"]
+    assert info["steps"] == [0] and info["first_k"] == 1
+    desc = method.descriptors([Image.new("RGB", (20, 20), "gray")], load_size=64)
+    assert desc.shape == (1, 128, 64, 64)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_method("hyperfeatures", model=tiny_sd, aggregator=tmp_path / "nope.pt")
+
+
+def test_vit_methods_use_their_own_input_size() -> None:
+    dino = create_method("dino", model="tiny-dino", image_size=64)
+    desc = dino.descriptors([Image.new("RGB", (50, 30), "white")], load_size=224)
+    assert desc.shape == (1, 32, 8, 8)  # 64 px input, patch 8
+    info = dino.describe()
+    assert (info["layer"], info["facet"], info["input_size"]) == (9, "key", 64)
+    v2 = create_method("dinov2", model="tiny-dinov2")
+    assert v2.describe()["input_size"] == 770 and v2.describe()["facet"] == "token"
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        create_method("dino", model="tiny-dino", image_size=60)
+
+
+def test_match_pair_checks_points(tmp_path: Path) -> None:
+    img = Image.new("RGB", IMAGE_SIZE, "white")
+    pred, scores = match_pair(ConstantMethod(), img, img, [[10, 20]], load_size=32)
+    np.testing.assert_array_equal(pred, [[0.0, 0.0]])
+    assert scores.shape == (1,)
+    with pytest.raises(ValueError, match="outside the source image"):
+        match_pair(ConstantMethod(), img, img, [[96, 20]], load_size=32)
+
+
+# --------------------------------------------------------------------------- datasets
+def test_load_benchmark(spair_root: Path, tmp_path: Path) -> None:
+    data = load_benchmark("SPair-71k", spair_root.parent)
+    assert len(data) == 4 and "20pc" in data.name  # the 20-per-category protocol
+    one = load_benchmark("spair", spair_root, per_category=1)
+    assert one.category_counts() == {"bird": 1, "cat": 1}
+    every = load_benchmark("spair", spair_root, per_category=0)
+    assert len(every) == 4
+    pair_file = save_pair_list(every, tmp_path / "list.json", image_root=spair_root / "JPEGImages")
+    listed = load_benchmark("spair", spair_root, pairs_file=pair_file)
+    assert [p.pair_id for p in listed] == [p.pair_id for p in every]
+    np.testing.assert_array_equal(listed[0].target_points, every[0].target_points)
+    generic = load_benchmark("pair-list", spair_root / "JPEGImages", pairs_file=pair_file)
+    assert len(generic) == 4 and generic.name == "list"
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*spair, pf-pascal"):
+        load_benchmark("imagenet", tmp_path)
+    with pytest.raises(ValueError, match="--data-root"):
+        load_benchmark("spair", None)
+    with pytest.raises(FileNotFoundError, match="SPair-71k not found"):
+        load_benchmark("spair", tmp_path / "nowhere")
+
+
+def test_eval_result_write_refuses_a_file(tmp_path: Path) -> None:
+    a = write_image(tmp_path / "a.png", IMAGE_SIZE, seed=1)
+    result = evaluate(
+        ConstantMethod(), [KeypointPair(a, a, [[1, 1]], [[1, 1]], "x")], progress=False
+    )
+    assert isinstance(result, EvalResult)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        result.write(tmp_path / "file")
