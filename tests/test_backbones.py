@@ -132,6 +132,8 @@ def test_encode_prompts_shapes(tiny_sd: Backbone, tiny_sdxl: Backbone) -> None:
     assert added["text_embeds"].shape == (3, 32)
     assert added["time_ids"].shape == (3, 6)
     assert added["time_ids"][0].tolist() == [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]
+    sized = tiny_sdxl.encode_prompts(["a cat"], image_size=128).added_cond_kwargs
+    assert sized["time_ids"][0].tolist() == [128.0, 128.0, 0.0, 0.0, 128.0, 128.0]  # type: ignore[index]
     both = cond.cat(cond)
     assert both.encoder_hidden_states.shape[0] == 6
     assert both.added_cond_kwargs["time_ids"].shape == (6, 6)  # type: ignore[index]

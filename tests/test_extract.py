@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -29,9 +31,9 @@ DHF = [f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)]
 FAST = ["--num-steps", "3", "--steps", "all", "--image-size", "64"]
 
 
-def _invoke(*args: str):
-    result = CliRunner().invoke(app, list(args))
-    return result
+def _invoke(*args: str) -> Result:
+    """Run ``hyperfeatures ARGS`` in-process (exceptions land in ``result.exception``)."""
+    return CliRunner().invoke(app, list(args))
 
 
 def _pattern(width: int, height: int, phase: float) -> Image.Image:
@@ -74,8 +76,8 @@ def test_layers_table_shows_names_and_channels() -> None:
     result = _invoke("layers", "--model", "tiny-sd")
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    row = next(line for line in lines if "up_blocks.1.resnets.0 " in line)
-    assert " 64 " in row and "resnet" in row  # 64 channels, 2 x 2 at 64 px
+    row = next(line.split() for line in lines if line.startswith("up_blocks.1.resnets.0\t"))
+    assert row[:4] == ["up_blocks.1.resnets.0", "resnet", "64", "2x2"]  # 64 channels at 64 px
     assert "presets:" in result.stdout
 
 
@@ -204,6 +206,36 @@ def test_existing_outputs_resume_and_overwrite(tmp_path: Path, image_dir: Path) 
 
     both = _invoke(*args, "--resume", "--overwrite")
     assert both.exit_code == 2
+
+
+def test_resume_keeps_per_item_seeds(tmp_path: Path, image_dir: Path) -> None:
+    """Posterior samples (images) and initial noise (prompts) are seeded by the item's index:
+    a resumed run, whose batches have gaps where files already exist, gives the same files."""
+    _pattern(80, 40, 2.0).save(image_dir / "c.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red bird\na blue car\na green tree\n", encoding="utf-8")
+    common = ["--taps", "up_blocks.1.resnets.0", "--batch-size", "4", *FAST]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    runs = [
+        ([str(image_dir), "--posterior", "sample", "--seed", "5"], ["b.safetensors"]),
+        (["--prompts", str(prompts)], ["prompt_00001.safetensors", "prompt_00001.png"]),
+    ]
+    for inputs, middle in runs:
+        assert _invoke("extract", *inputs, "--out", str(full), *common).exit_code == 0
+        resumed.mkdir(exist_ok=True)
+        for name in middle:  # the middle item is done, the first and last are not
+            shutil.copy(full / name, resumed / name)
+        result = _invoke("extract", *inputs, "--out", str(resumed), "--resume", *common)
+        assert result.exit_code == 0, result.output
+        assert [i["status"] for i in _manifest(resumed)["items"]].count("skipped") == 1
+    for name in ["a", "c", "prompt_00000", "prompt_00002"]:
+        got, _ = read_feature_file(resumed / f"{name}.safetensors")
+        want, _ = read_feature_file(full / f"{name}.safetensors")
+        for step in want:
+            tap = "up_blocks.1.resnets.0"
+            torch.testing.assert_close(got[step][tap], want[step][tap], rtol=1e-4, atol=1e-5)
+    with Image.open(resumed / "prompt_00002.png") as a, Image.open(full / "prompt_00002.png") as b:
+        assert np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= 1
 
 
 def test_extract_fp16_storage(tmp_path: Path, image_dir: Path) -> None:

@@ -37,8 +37,9 @@ def images():
 
 
 def test_streaming_equals_keep_everything(backbone, network, images):
-    ex = FeatureExtractor(backbone, taps=list(network.taps), num_steps=T, steps=list(network.steps),
-                          image_size=SIZE)
+    ex = FeatureExtractor(
+        backbone, taps=list(network.taps), num_steps=T, steps=list(network.steps), image_size=SIZE
+    )
     keep = KeepAll()
     ex.run_images(images, keep, load_size=32)
     reference = network(keep.maps)  # keep-everything, then aggregate
@@ -130,7 +131,7 @@ def test_generation_descriptors_use_the_same_network(backbone, network):
     pipe = HyperfeaturePipeline(backbone, network, image_size=SIZE, guidance_scale=3.0)
     images, desc = pipe.generate(["a red cube", "a cat"])
     assert images.shape == (2, 3, SIZE, SIZE)
-    assert 0 <= float(images.min()) and float(images.max()) <= 1
+    assert float(images.min()) >= 0 and float(images.max()) <= 1
     keep = KeepAll()
     pipe.extractor.run_prompts(["a red cube", "a cat"], keep)
     assert sorted(keep.maps) == sorted(network.steps)
@@ -139,8 +140,9 @@ def test_generation_descriptors_use_the_same_network(backbone, network):
 
 def test_from_pretrained_sources(tmp_path, backbone, network, images):
     with pytest.warns(UserWarning, match="UNTRAINED"):
-        HyperfeaturePipeline.from_pretrained(backbone, None, num_steps=T, steps="0,1",
-                                             image_size=SIZE)
+        HyperfeaturePipeline.from_pretrained(
+            backbone, None, num_steps=T, steps="0,1", image_size=SIZE
+        )
     expected = HyperfeaturePipeline(backbone, network, image_size=SIZE)(images, load_size=32)
     network.save_pretrained(tmp_path / "agg")
     loaded = HyperfeaturePipeline.from_pretrained(backbone, tmp_path / "agg", image_size=SIZE)
@@ -154,7 +156,9 @@ def test_from_pretrained_sources(tmp_path, backbone, network, images):
 
 def test_incompatible_network_is_refused(backbone):
     wrong = AggregationNetwork(
-        taps=["up_blocks.1.resnets.0", "up_blocks.9.resnets.0"], channels=[1280, 8], steps=[0],
+        taps=["up_blocks.1.resnets.0", "up_blocks.9.resnets.0"],
+        channels=[1280, 8],
+        steps=[0],
         num_inference_steps=1,
     )
     with pytest.raises(ValueError) as info:

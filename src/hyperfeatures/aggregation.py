@@ -178,14 +178,46 @@ def _conv(x: Tensor, weight: Tensor, padding: int = 0) -> Tensor:
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
 
 
-def _group_norm(x: Tensor, norm: nn.GroupNorm, scale: float = 1.0) -> Tensor:
-    """``scale * norm(x)`` with the scale folded into the affine parameters (exact algebra)."""
-    weight, bias = norm.weight, norm.bias
-    if scale != 1.0:
-        weight, bias = weight * scale, bias * scale
-    if x.dtype != weight.dtype and x.device.type != "cpu":  # CPU supports mixed dtypes
-        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
+def _group_affine(x: Tensor, norm: nn.GroupNorm, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Per-sample, per-channel ``(a, b)`` with ``scale * norm(x) = a * x + b``.
+
+    Args:
+        x: ``(N, C, h, w)``, preferably channels_last (then no copy is made).
+        norm: the GroupNorm whose statistics and affine parameters are used.
+        scale: a factor folded into ``a`` and ``b``.
+
+    Returns:
+        ``a, b`` of shape ``(N, C, 1, 1)``, float32 (the norm's dtype).
+
+    The statistics come from per-channel sums and sums of squares (no full-size temporary),
+    combined per group in float64: ``var = E[x^2] - E[x]^2``, as PyTorch's own channels_last
+    GroupNorm kernel does, biased, plus ``eps``.
+    """
+    n, c = x.shape[:2]
+    groups = norm.num_groups
+    v = x.permute(0, 2, 3, 1).reshape(n, -1, c)  # a view for channels_last input
+    if v.dtype != torch.float32:
+        v = v.float()
+    acc = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
+    s1 = v.sum(1).view(n, groups, -1).sum(-1, dtype=acc)
+    s2 = torch.linalg.vecdot(v, v, dim=1).view(n, groups, -1).sum(-1, dtype=acc)
+    count = v.shape[1] * (c // groups)
+    mean = s1 / count
+    rstd = ((s2 / count - mean * mean).clamp_min_(0) + norm.eps).rsqrt_()
+    rstd_c = rstd.repeat_interleave(c // groups, dim=1)
+    mean_c = mean.repeat_interleave(c // groups, dim=1)
+    weight = norm.weight.to(acc)
+    a = weight * rstd_c * scale
+    b = (norm.bias.to(acc) - weight * rstd_c * mean_c) * scale
+    dtype = norm.weight.dtype
+    return a.to(dtype).view(n, c, 1, 1), b.to(dtype).view(n, c, 1, 1)
+
+
+def _group_norm_relu_(x: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """``relu(norm(x))`` written into ``x`` (no full-size allocation)."""
+    a, b = _group_affine(x, norm)
+    torch.addcmul(b.to(x.dtype), x, a.to(x.dtype), out=x)
+    return x.relu_()
 
 
 def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
@@ -462,15 +494,22 @@ class BottleneckBlock(nn.Module):
             sc = _resize_cl(_conv(x, self.shortcut.weight.to(cdt)), size)
         else:
             sc = _resize_cl(x, size)
-        h1 = _group_norm(h1, self.conv1.norm).relu_()
-        h2 = _group_norm(_conv(h1, self.conv2.weight.to(cdt), padding=1), self.conv2.norm)
+        h1 = _group_norm_relu_(h1, self.conv1.norm)
+        h2 = _group_norm_relu_(_conv(h1, self.conv2.weight.to(cdt), padding=1), self.conv2.norm)
         del h1
-        h2.relu_()
-        out = _group_norm(_conv(h2, self.conv3.weight.to(cdt)), self.conv3.norm, weight)
+        z = _conv(h2, self.conv3.weight.to(cdt))
         del h2
-        out = out.to(out_dtype)
+        # out = relu(w * gn3(z) + w * gn_sc(sc)), the weight folded into the affines
+        a, b = _group_affine(z, self.conv3.norm, weight)
         if self.shortcut is not None:
-            out.add_(_group_norm(sc, self.shortcut.norm, weight))
+            a_sc, b_sc = _group_affine(sc, self.shortcut.norm, weight)
+            b = b + b_sc
+        if z.dtype == out_dtype:
+            out = torch.addcmul(b, z, a, out=z)
+        else:
+            out = torch.addcmul(b, z, a).contiguous(memory_format=_CL)
+        if self.shortcut is not None:
+            out.addcmul_(sc, a_sc)
         else:
             out.add_(sc, alpha=weight)
         return out.relu_()

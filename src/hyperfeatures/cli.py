@@ -24,8 +24,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Diffusion hyperfeatures: extract, aggregate and match diffusion-model features.",
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+console = Console(stderr=False, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ModelOpt = Annotated[
     str,
@@ -96,6 +96,14 @@ def layers(
             for i in infos
         ]
         console.print_json(json.dumps(rows))
+        return
+    if not console.is_terminal:  # piped: plain tab-separated lines, names never cut
+        print(f"# taps of {model} at {image_size} px ({len(infos)} taps)")
+        print("tap\tkind\tchannels\tsize\tstride")
+        for i in infos:
+            h, w = i.size or (0, 0)
+            print(f"{i.name}\t{i.kind}\t{i.channels}\t{h}x{w}\t{i.stride}")
+        print("# presets: " + ", ".join(PRESETS))
         return
     table = Table(title=f"taps of {model} at {image_size} px ({len(infos)} taps)")
     for col in ("tap", "kind", "channels", "size (h x w)", "stride"):
