@@ -381,7 +381,7 @@ def eval_command(
         bool, typer.Option("--no-progress", help="Hide the progress bar.")
     ] = False,
 ) -> None:
-    """Benchmark a method on a keypoint dataset: PCK@alpha per category (REFERENCE 5)."""
+    """Benchmark a method on a keypoint dataset: PCK@alpha per category (the paper's protocol)."""
     from .evaluate import create_method, evaluate, load_benchmark, method_spec
 
     try:

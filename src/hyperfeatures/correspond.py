@@ -12,7 +12,7 @@ Conventions used by every function here:
 * Pixel scaling between an image of size ``(W, H)`` and a grid of size ``(W_g, H_g)`` is a plain
   scale: ``x_g = x * W_g / W`` and ``y_g = y * H_g / H`` (pixel (0, 0) stays at (0, 0)); the way
   back is ``x = x_g * W / W_g``. This is the convention of the published evaluation protocol
-  (REFERENCE 5), so PCK figures stay comparable. Image points are rounded onto the grid
+  (the paper's protocol), so PCK figures stay comparable. Image points are rounded onto the grid
   (``torch.round``: half to even) and clipped to it; a grid position survives the round trip
   grid -> image -> grid unchanged.
 * Similarity is the cosine similarity. It is computed in the descriptor dtype (the promotion of
@@ -220,7 +220,7 @@ def cosine_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> t
 
 
 def upsample_descriptors(desc: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinearly resize a descriptor map (``align_corners=False``), as in REFERENCE 5.
+    """Bilinearly resize a descriptor map (``align_corners=False``), as in the paper's protocol.
 
     Args:
         desc: ``(C, H, W)`` or ``(1, C, H, W)`` descriptor map.
@@ -330,7 +330,7 @@ def match_points_with_scores(
     valid: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
 ) -> PointMatches:
-    """Transfer source keypoints to the target image (the protocol of REFERENCE 5).
+    """Transfer source keypoints to the target image (the paper's protocol).
 
     Both descriptor maps are bilinearly upsampled (``align_corners=False``) to the load grid;
     each source point is scaled onto that grid (``x * W_load / W_src``), rounded (half to even)

@@ -1,4 +1,4 @@
-"""DDIM inversion and generation (eta = 0), exactly as REFERENCE.md section 1.
+"""DDIM inversion and generation (eta = 0), exactly as the original implementation.
 
 Grid. With T inference steps and ``r = 1000 // T`` the timestep grid is
 ``[0, r, 2r, ..., (T-1) r]`` (no ``steps_offset``, whatever the model's scheduler says).

@@ -1,4 +1,4 @@
-"""Benchmark runner: descriptor methods x keypoint datasets -> PCK tables (REFERENCE 5).
+"""Benchmark runner: descriptor methods x keypoint datasets -> PCK tables (the paper's protocol).
 
 One registry and one factory name the methods of the paper's tables:
 
@@ -1048,7 +1048,7 @@ class EvalResult:
                 "alphas": list(self.alphas),
                 "threshold": "alpha * max(W, H) of the target image (img) / target bbox (bbox)",
                 "matching": "cosine nearest neighbour on descriptors bilinearly upsampled to "
-                "load_size x load_size (REFERENCE 5)",
+                "load_size x load_size (the paper's protocol)",
                 **self.settings,
             },
             "summary": self.summary,
@@ -1171,7 +1171,7 @@ def evaluate(
     cache_bytes: int | None = 2 * 2**30,
     console: Console | None = None,
 ) -> EvalResult:
-    """Score a method on keypoint pairs with the PCK protocol of REFERENCE 5.
+    """Score a method on keypoint pairs with the paper's PCK protocol.
 
     For each pair: descriptors of the source and target images (computed once per image file
     and kept in an LRU :class:`DescriptorCache`; the images of one pair go through the method as

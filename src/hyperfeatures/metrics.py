@@ -4,7 +4,7 @@ This module is pure (torch, numpy and the standard library; no model code), so p
 of any system can be scored with it. Inputs may be torch tensors (any device), numpy arrays or
 nested sequences; coordinates are ``(x, y)`` in pixels of the original target image.
 
-Protocol (REFERENCE 5): a predicted keypoint is correct when its Euclidean distance to the
+Protocol (the paper's protocol): a predicted keypoint is correct when its Euclidean distance to the
 ground truth is ``<= alpha * threshold``, where the threshold is ``max(W, H)`` of the whole
 target image (``img``) or ``max(w, h)`` of the target bounding box (``bbox``); alpha = 0.1 in
 the paper's tables. The paper pools over all keypoints of all pairs ("pooled"); the mean of

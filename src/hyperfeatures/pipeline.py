@@ -1,7 +1,7 @@
 """Pipelines: wire a backbone, the diffusion loops, the taps and a sink.
 
 :class:`FeatureExtractor` is the raw-feature engine: images (DDIM inversion) or prompts
-(generation) in, tap events out to any sink. Image preprocessing follows REFERENCE 5: resize
+(generation) in, tap events out to any sink. Image preprocessing follows the paper's protocol: resize
 the RGB image to ``load_size`` (bilinear), scale to ``[-1, 1]``, upsample (bilinear) to the
 VAE input ``image_size``; latent = ``scaling_factor`` x VAE posterior mean (or a seeded
 posterior sample for parity with the original code).
@@ -539,7 +539,7 @@ class HyperfeaturePipeline:
 
         Args:
             images: PIL image(s) or a ``(B, 3, H, W)`` tensor in ``[0, 1]``.
-            load_size: images are resized to this first (REFERENCE 5: 224 at test time, 64
+            load_size: images are resized to this first (the paper: 224 at test time, 64
                 in training), then upsampled to the VAE size; ``None`` resizes directly.
             batch_size: images per diffusion run.
 

@@ -43,7 +43,7 @@ class Sink(Protocol):
 
 
 def resize_map(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of ``(B, C, h, w)`` to ``size`` (REFERENCE 2)."""
+    """Bilinear resize (align_corners=False) of ``(B, C, h, w)`` to ``size`` (as in the paper)."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(x.shape[-2:]) == size:
         return x

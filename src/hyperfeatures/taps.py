@@ -8,7 +8,7 @@ tap                                                   value, as a map ``(B, C, h
 ====================================================  =========================================
 ``up_blocks.1.resnets.0``                             residual branch of a ResNet block after
                                                       ``conv2``, before the shortcut add (paper
-                                                      "Layer 4"; REFERENCE 2)
+                                                      "Layer 4")
 ``up_blocks.1.resnets.0:out``                         the ResNet block's output
 ``up_blocks.1.attentions.0``                          output of the spatial transformer
 ``...attentions.0.transformer_blocks.0``              output of one transformer block
