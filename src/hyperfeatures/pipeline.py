@@ -1,7 +1,7 @@
 """Pipelines: wire a backbone, the diffusion loops, the taps and a sink.
 
 :class:`FeatureExtractor` is the raw-feature engine: images (DDIM inversion) or prompts
-(generation) in, tap events out to any sink. Image preprocessing follows the paper's protocol: resize
+(generation) in, tap events out to any sink. Preprocessing follows the paper: resize
 the RGB image to ``load_size`` (bilinear), scale to ``[-1, 1]``, upsample (bilinear) to the
 VAE input ``image_size``; latent = ``scaling_factor`` x VAE posterior mean (or a seeded
 posterior sample for parity with the original code).
