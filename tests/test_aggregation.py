@@ -545,3 +545,78 @@ def test_check_compatible() -> None:
         check_compatible(net, bad)
     with pytest.raises(ValueError, match="num_inference_steps=6"):
         check_compatible(net, good, num_inference_steps=50)
+
+
+# ------------------------------------------------------------------------------ fused kernels
+
+
+def _sd_like_net(output_size: int = 16) -> AggregationNetwork:
+    """Small channels, the SD layout of sizes: smaller, equal and larger than the output."""
+    net = AggregationNetwork(
+        ["a", "b", "c", "d"],
+        [48, 64, 24, 32],
+        [0, 3, 7],
+        projection_dim=64,
+        num_norm_groups=8,
+        output_size=output_size,
+    )
+    return _randomise(net, seed=5)
+
+
+@pytest.mark.parametrize("layer", [0, 1])  # projection shortcut, identity shortcut
+@pytest.mark.parametrize("size", [4, 16, 32])  # upsample, same size, downsample
+def test_forward_fused_equals_plain_block(layer: int, size: int) -> None:
+    net = _sd_like_net()
+    block: BottleneckBlock = net.bottleneck_layers[layer][0]
+    x = torch.randn(3, net.channels[layer], size, size, generator=torch.Generator().manual_seed(2))
+    resized = F.interpolate(x, size=16, mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        want = 0.37 * block(resized)
+        got = block.forward_fused(x, 16, 0.37)
+        # any memory format and strides in, same values out
+        strided = block.forward_fused(x.transpose(2, 3).contiguous().transpose(2, 3), 16, 0.37)
+    assert got.shape == (3, 64, 16, 16)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(strided, want, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="non-negative"):
+        block.forward_fused(x, 16, -0.5)
+
+
+def test_inference_and_autograd_paths_agree() -> None:
+    net = _sd_like_net()
+    maps = _maps(net, [4, 8, 16, 32], batch=2)
+    with torch.no_grad():
+        fused = net(maps)
+        stacked = net.forward_stacked(net.stack_maps(maps))
+        terms = {k: net.contribution(k[0], k[1], x) for k, x in maps.items()}
+        projected = net.project("c", maps[(3, "c")])
+    assert fused.is_contiguous()  # forward returns plain NCHW strides
+    torch.testing.assert_close(fused, stacked, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sum(terms.values()), stacked, atol=1e-5, rtol=0)
+    # With autograd on, the differentiable path runs and gradients reach every parameter.
+    out = net(maps)
+    torch.testing.assert_close(out, fused, atol=1e-5, rtol=0)
+    assert out.requires_grad
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    block = net.bottleneck_layers[2][0]
+    with torch.no_grad():
+        want = block(F.interpolate(maps[(3, "c")], size=16, mode="bilinear"))
+    torch.testing.assert_close(projected, want, atol=1e-5, rtol=0)
+
+
+def test_bf16_autocast_is_a_close_speed_mode() -> None:
+    net = _sd_like_net()
+    maps = _maps(net, [4, 8, 16, 32], batch=1)
+    with torch.no_grad():
+        ref = net(maps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = net(maps)
+            term = net.contribution(0, "a", maps[(0, "a")])
+        again = net(maps)  # leaving autocast restores the fp32 parity path
+    assert fast.dtype == torch.float32 and term.dtype == torch.float32
+    assert torch.equal(again, ref)
+    assert 0 < (fast - ref).abs().max() < 0.1
+    cos = F.cosine_similarity(fast, ref, dim=1)
+    assert cos.min() > 0.99

@@ -26,6 +26,30 @@ cost 64x fewer multiply-adds, and the resize moves ``P // 4 + P`` channels inste
 (480 instead of 1280 for the deepest SD layers). When the map is larger than the output, the
 resize runs first (the same identity read the other way round, and cheaper there).
 
+Inference kernels (:meth:`BottleneckBlock.forward_fused`)
+--------------------------------------------------------
+Without autograd (``torch.no_grad()`` / ``torch.inference_mode()``), :meth:`~AggregationNetwork.
+forward`, :meth:`~AggregationNetwork.project` and :meth:`~AggregationNetwork.contribution` run
+the same algebra with fused kernels, still exact (equal up to float rounding, checked against
+:meth:`~AggregationNetwork.forward_stacked` in the tests):
+
+- channels_last memory format throughout: PyTorch's bilinear resize is vectorised over
+  channels there (~30x faster on CPU than NCHW for 8x8 -> 64x64) and oneDNN convolutions need
+  no layout reorders; on CPU the convolutions call oneDNN directly;
+- GroupNorm + ReLU and the final add + ReLU in place;
+- the mixing weight ``w >= 0`` (a softmax output) folded into the affine parameters of the
+  two last GroupNorms, since ``w * relu(a + b) = relu(w * a + w * b)``; the sum over maps cannot
+  move inside that final ReLU, so each (step, layer) map still needs its own conv2 and conv3;
+- one map at a time, so the working set of a bottleneck stays in the CPU cache.
+
+The remaining work per map is the 3x3 ``conv2`` (``P/4 -> P/4``) and the 1x1 ``conv3``
+(``P/4 -> P``) at the output resolution plus the native-resolution 1x1 convs: about 205 GFLOP
+per image for SD 1.5 with 11 steps x 12 layers (586 GFLOP in the original design), so on a CPU
+the aggregation is bound by convolution throughput. Speed mode: inside ``torch.autocast(device,
+dtype=torch.bfloat16)`` the convolutions and resizes run in bf16 (GroupNorm statistics and the
+returned descriptor stay fp32); fp32 is the parity mode. ``benchmarks/descriptor_cost.py``
+measures both.
+
 Timestep labels of the official checkpoints
 -------------------------------------------
 Our steps are named by their position on the noise axis: step 0 is the UNet call on the
@@ -133,17 +157,17 @@ def _to_channels_last(x: Tensor) -> Tensor:
     """
     if x.is_contiguous(memory_format=_CL):
         return x
-    if x.device.type != "cpu" or not x.is_contiguous() or (x.requires_grad and _grad()):
+    if (
+        x.device.type != "cpu"
+        or not x.is_contiguous()
+        or (x.requires_grad and torch.is_grad_enabled())
+    ):
         return x.contiguous(memory_format=_CL)
     n, c, h, w = x.shape
     out = torch.empty((n, h, w, c), dtype=x.dtype, device=x.device)
     for i in range(n):
         out[i].view(h * w, c).copy_(x[i].view(c, h * w).t())
     return out.permute(0, 3, 1, 2)
-
-
-def _grad() -> bool:
-    return torch.is_grad_enabled()
 
 
 def _resize_cl(x: Tensor, size: int) -> Tensor:
@@ -159,15 +183,19 @@ def _resize_cl(x: Tensor, size: int) -> Tensor:
     )
 
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
+
+
 def _conv(x: Tensor, weight: Tensor, padding: int = 0) -> Tensor:
     """Bias-free stride-1 convolution ``(N, C, h, w) -> (N, C', h, w)`` (no autograd needed).
 
-    On CPU it calls oneDNN directly: for 1x1 kernels PyTorch otherwise picks its im2col + BLAS
-    path when running on one thread, 2-4x slower than oneDNN on the same CPU.
+    On CPU in fp32 it calls oneDNN directly: for 1x1 kernels PyTorch otherwise picks its
+    im2col + BLAS path when running on one thread, 2-4x slower than oneDNN on the same CPU
+    (for bf16 PyTorch already picks oneDNN where the CPU supports it).
     """
     if (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype == torch.float32
         and _ONEDNN
         and torch.backends.mkldnn.enabled
     ):
@@ -175,52 +203,18 @@ def _conv(x: Tensor, weight: Tensor, padding: int = 0) -> Tensor:
     return F.conv2d(x, weight, padding=padding)
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch, "mkldnn_convolution")
+def _group_norm(x: Tensor, norm: nn.GroupNorm, scale: float = 1.0) -> Tensor:
+    """``scale * norm(x)`` with the scale folded into the affine parameters (exact algebra);
+    keeps the memory format of ``x``."""
+    weight, bias = norm.weight, norm.bias
+    if scale != 1.0:
+        weight, bias = weight * scale, bias * scale
+    if x.dtype != weight.dtype and x.device.type != "cpu":  # CPU supports mixed dtypes
+        weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+    return F.group_norm(x, norm.num_groups, weight, bias, norm.eps)
 
 
-def _group_affine(x: Tensor, norm: nn.GroupNorm, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Per-sample, per-channel ``(a, b)`` with ``scale * norm(x) = a * x + b``.
-
-    Args:
-        x: ``(N, C, h, w)``, preferably channels_last (then no copy is made).
-        norm: the GroupNorm whose statistics and affine parameters are used.
-        scale: a factor folded into ``a`` and ``b``.
-
-    Returns:
-        ``a, b`` of shape ``(N, C, 1, 1)``, float32 (the norm's dtype).
-
-    The statistics come from per-channel sums and sums of squares (no full-size temporary),
-    combined per group in float64: ``var = E[x^2] - E[x]^2``, as PyTorch's own channels_last
-    GroupNorm kernel does, biased, plus ``eps``.
-    """
-    n, c = x.shape[:2]
-    groups = norm.num_groups
-    v = x.permute(0, 2, 3, 1).reshape(n, -1, c)  # a view for channels_last input
-    if v.dtype != torch.float32:
-        v = v.float()
-    acc = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
-    s1 = v.sum(1).view(n, groups, -1).sum(-1, dtype=acc)
-    s2 = torch.linalg.vecdot(v, v, dim=1).view(n, groups, -1).sum(-1, dtype=acc)
-    count = v.shape[1] * (c // groups)
-    mean = s1 / count
-    rstd = ((s2 / count - mean * mean).clamp_min_(0) + norm.eps).rsqrt_()
-    rstd_c = rstd.repeat_interleave(c // groups, dim=1)
-    mean_c = mean.repeat_interleave(c // groups, dim=1)
-    weight = norm.weight.to(acc)
-    a = weight * rstd_c * scale
-    b = (norm.bias.to(acc) - weight * rstd_c * mean_c) * scale
-    dtype = norm.weight.dtype
-    return a.to(dtype).view(n, c, 1, 1), b.to(dtype).view(n, c, 1, 1)
-
-
-def _group_norm_relu_(x: Tensor, norm: nn.GroupNorm) -> Tensor:
-    """``relu(norm(x))`` written into ``x`` (no full-size allocation)."""
-    a, b = _group_affine(x, norm)
-    torch.addcmul(b.to(x.dtype), x, a.to(x.dtype), out=x)
-    return x.relu_()
-
-
-def autocast_dtype(device: torch.device | str) -> torch.dtype | None:
+def _autocast_dtype(device: torch.device | str) -> torch.dtype | None:
     """The low-precision dtype of an active ``torch.autocast`` region on ``device`` (``None``
     when autocast is off there)."""
     kind = torch.device(device).type
@@ -494,25 +488,19 @@ class BottleneckBlock(nn.Module):
             sc = _resize_cl(_conv(x, self.shortcut.weight.to(cdt)), size)
         else:
             sc = _resize_cl(x, size)
-        h1 = _group_norm_relu_(h1, self.conv1.norm)
-        h2 = _group_norm_relu_(_conv(h1, self.conv2.weight.to(cdt), padding=1), self.conv2.norm)
+        h1 = _group_norm(h1, self.conv1.norm).relu_()
+        h2 = _group_norm(_conv(h1, self.conv2.weight.to(cdt), padding=1), self.conv2.norm)
         del h1
-        z = _conv(h2, self.conv3.weight.to(cdt))
+        h2.relu_()
+        # relu(w * gn3(z) + w * gn_sc(sc)) = w * relu(gn3(z) + gn_sc(sc)) for w >= 0
+        out = _group_norm(_conv(h2, self.conv3.weight.to(cdt)), self.conv3.norm, weight)
         del h2
-        # out = relu(w * gn3(z) + w * gn_sc(sc)), the weight folded into the affines
-        a, b = _group_affine(z, self.conv3.norm, weight)
         if self.shortcut is not None:
-            a_sc, b_sc = _group_affine(sc, self.shortcut.norm, weight)
-            b = b + b_sc
-        if z.dtype == out_dtype:
-            out = torch.addcmul(b, z, a, out=z)
-        else:
-            out = torch.addcmul(b, z, a).contiguous(memory_format=_CL)
-        if self.shortcut is not None:
-            out.addcmul_(sc, a_sc)
+            out.add_(_group_norm(sc, self.shortcut.norm, weight))
         else:
             out.add_(sc, alpha=weight)
-        return out.relu_()
+        out.relu_()
+        return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,7 +716,8 @@ class AggregationNetwork(
                 (they share the bottleneck), e.g. ``torch.cat([x_s0, x_s1, ...])``.
 
         Returns:
-            ``(N, P, output_size, output_size)``, not weighted.
+            ``(N, P, output_size, output_size)``, not weighted; without autograd computed by
+            the fused inference kernels and returned in channels_last memory format.
         """
         layer = self.tap_index(tap)
         self._check_map(tap, x, self.channels[layer])
@@ -763,7 +752,7 @@ class AggregationNetwork(
         """``weight * B(resize(x))`` with the fused inference kernels; an active
         ``torch.autocast`` region on the map's device selects the compute dtype (bf16/fp16
         speed mode), GroupNorm statistics and the result stay fp32."""
-        compute = autocast_dtype(x.device)
+        compute = _autocast_dtype(x.device)
         with torch.autocast(x.device.type, enabled=False):
             return block.forward_fused(x, self.output_size, weight, compute_dtype=compute)
 
@@ -820,7 +809,9 @@ class AggregationNetwork(
 
         Returns:
             ``(B, P, output_size, output_size)`` = ``sum_{s,l} softmax(w)[s, l] *
-            B_l(resize(maps[(step_s, tap_l)]))``.
+            B_l(resize(maps[(step_s, tap_l)]))``, contiguous. Without autograd the fused
+            inference kernels run (see the module docstring; ``torch.autocast`` with bf16 is
+            the speed mode); with autograd, a differentiable path with the same value.
         """
         maps = self._flatten_maps(maps)
         batch = self._validate_maps(maps)

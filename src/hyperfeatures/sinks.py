@@ -177,7 +177,7 @@ class StreamingAggregator:
                 f"{len(missing)} (step, tap) maps never arrived, e.g. {sorted(missing)[:3]}; "
                 "run the diffusion with the network's steps and taps"
             )
-        return self._sum
+        return self._sum.contiguous()
 
 
 def feature_key(step: int, tap: str) -> str:
