@@ -9,7 +9,6 @@ as well. These are Linux facilities; elsewhere the memory columns read ``n/a``.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from hyperfeatures.runtime import tune_glibc_malloc
 
 __all__ = [
     "MARKER",
@@ -153,27 +154,6 @@ class MemoryProbe:
             "minor_faults": self.faults,
             "rss_reset": self.reset_ok,
         }
-
-
-def tune_glibc_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Make glibc keep freed tensor memory instead of returning it to the kernel.
-
-    By default glibc serves blocks above a (dynamic) threshold with fresh ``mmap`` pages and
-    trims the heap when more than twice that is free, so a loop that allocates and frees
-    multi-MiB tensors page-faults its memory back in at every iteration (``minor_faults``
-    counts them). Raising both thresholds (the same as ``GLIBC_TUNABLES=glibc.malloc.
-    mmap_threshold=33554432:glibc.malloc.trim_threshold=268435456``) keeps up to
-    ``trim_threshold`` bytes of freed memory resident. Process-wide; returns False where
-    ``mallopt`` is unavailable (non-glibc systems).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    ok_mmap = libc.mallopt(m_mmap_threshold, int(mmap_threshold)) == 1
-    ok_trim = libc.mallopt(m_trim_threshold, int(trim_threshold)) == 1
-    return ok_mmap and ok_trim
 
 
 # ----------------------------------------------------------------------------- timing

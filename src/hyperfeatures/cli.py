@@ -45,6 +45,9 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: fp32, fp16 
 
 def main() -> None:
     """Console-script entry point: user errors print one clear line, not a traceback."""
+    from .runtime import tune_glibc_malloc
+
+    tune_glibc_malloc()
     try:
         app()
     except (ValueError, OSError) as err:
