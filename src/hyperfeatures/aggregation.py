@@ -76,7 +76,6 @@ import numbers
 import os
 import pickle
 import re
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -86,6 +85,8 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from torch import Tensor, nn
+
+from ._io import atomic_write
 
 __all__ = [
     "PAPER_TAPS",
@@ -1328,13 +1329,5 @@ def write_official_checkpoint(
     if optimizer_state_dict is not None:
         payload["optimizer_state_dict"] = optimizer_state_dict
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
     return path

@@ -49,7 +49,6 @@ import numbers
 import os
 import re
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ._io import atomic_write_text
 from .correspond import match_points_with_scores
 from .datasets import KeypointPair, PairDataset, load_image
 from .metrics import PCKAccumulator, pck, threshold_from_bbox, threshold_from_image
@@ -863,22 +863,6 @@ def _json_float(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -1074,7 +1058,7 @@ class EvalResult:
             raise NotADirectoryError(f"--out {out} is a file; give a folder for the results")
         out.mkdir(parents=True, exist_ok=True)
         written: dict[str, Any] = {}
-        written["results"] = _atomic_write_text(
+        written["results"] = atomic_write_text(
             out / "results.json", json.dumps(self.to_json(), indent=2) + "\n"
         )
         written["per_category"] = self.accumulator.to_csv(out / "per_category.csv")
@@ -1086,7 +1070,7 @@ class EvalResult:
             "points": "(x, y) pixels of the original images",
             "pairs": [p.to_dict(self.alphas) for p in self.predictions],
         }
-        written["predictions"] = _atomic_write_text(
+        written["predictions"] = atomic_write_text(
             out / "predictions.json", json.dumps(predictions) + "\n"
         )
         count = self.figures if figures is None else figures

@@ -29,6 +29,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ._io import atomic_write, atomic_write_text
 from .datasets.images import ImageLoadError, iter_image_paths, load_image
 from .pipeline import FeatureExtractor
 from .sinks import DiskWriter, read_feature_file
@@ -51,12 +52,6 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
     if not prompts:
         raise ValueError(f"prompts file {path} holds no prompt (one prompt per line)")
     return prompts
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _keys_for(paths: Sequence[Path]) -> list[str]:
@@ -178,7 +173,7 @@ class ExtractJob:
 
     def _save_manifest(self) -> Path:
         path = self.out / "manifest.json"
-        _atomic_write_text(path, json.dumps(self._manifest, indent=2))
+        atomic_write_text(path, json.dumps(self._manifest, indent=2))
         return path
 
     def _summary(self) -> dict[str, Any]:
@@ -286,10 +281,10 @@ class ExtractJob:
                 images = ex.run_prompts([p for _i, p, _k in chunk], writer, first_index=chunk[0][0])
                 for (_i, _prompt, k), img in zip(chunk, images, strict=True):
                     arr = (img.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
-                    png = self.out / f"{k}.png"
-                    tmp = png.with_name(f".{png.name}.tmp")
-                    Image.fromarray(arr).save(tmp, format="PNG")
-                    os.replace(tmp, png)
+                    atomic_write(
+                        self.out / f"{k}.png",
+                        lambda f, a=arr: Image.fromarray(a).save(f, format="PNG"),
+                    )
                 for path, (_i, prompt, k) in zip(writer.end_batch(), chunk, strict=True):
                     items.append(
                         {

@@ -21,7 +21,6 @@ import json
 import math
 import numbers
 import os
-import uuid
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ._io import atomic_write_text
 
 __all__ = [
     "PCKAccumulator",
@@ -417,7 +418,7 @@ class PCKAccumulator:
         data = self.summary()
         if include_pairs:
             data["pairs"] = [{**asdict(r), "pair_id": _jsonable_id(r.pair_id)} for r in self._pairs]
-        return _atomic_write(path, json.dumps(data, indent=2) + "\n")
+        return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
     def to_csv(self, path: str | os.PathLike[str], *, digits: int | None = None) -> Path:
         """Write :meth:`to_rows` as CSV (header = :meth:`columns`; empty cell = None), atomically.
@@ -429,7 +430,7 @@ class PCKAccumulator:
         writer = csv.DictWriter(buf, fieldnames=self.columns(), lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.to_rows(digits))
-        return _atomic_write(path, buf.getvalue())
+        return atomic_write_text(path, buf.getvalue())
 
 
 def _jsonable_id(pair_id: Hashable) -> Any:
@@ -438,22 +439,3 @@ def _jsonable_id(pair_id: Hashable) -> Any:
     if isinstance(pair_id, tuple):
         return [_jsonable_id(v) for v in pair_id]
     return str(pair_id)
-
-
-def _atomic_write(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder; give a file path such as {path / 'pck.json'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

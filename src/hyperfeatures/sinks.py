@@ -23,6 +23,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from ._io import atomic_path
+
 __all__ = [
     "DiskWriter",
     "Fanout",
@@ -256,12 +258,8 @@ class DiskWriter:
             meta = {**self.metadata, **self._meta[i]}
             meta_str = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
             path = self.path_for(key)
-            tmp = path.with_name(f".{path.name}.tmp")
-            try:
+            with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata=meta_str)
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
             written.append(path)
         self._keys, self._meta, self._buffer = [], [], {}
         return written

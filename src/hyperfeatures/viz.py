@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, overload
@@ -39,6 +38,8 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
+
+from ._io import atomic_write
 
 __all__ = [
     "CORRECT_COLOUR",
@@ -87,19 +88,7 @@ def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
 
     On any error the temporary file is removed and an existing ``path`` is left untouched.
     """
-    path = _check_target(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(_check_target(path), write)
 
 
 def _check_target(path: PathLike) -> Path:

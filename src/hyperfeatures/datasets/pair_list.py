@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import atomic_write_text
 from .images import ImageNotFoundError
 from .pairs import (
     AnnotationError,
@@ -32,7 +33,6 @@ from .pairs import (
     ImageChecker,
     KeypointPair,
     PairDataset,
-    atomic_write_text,
     parse_bbox,
     parse_points,
     parse_size,

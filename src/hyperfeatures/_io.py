@@ -1,0 +1,67 @@
+"""Atomic file writes: a file appears complete under its name, or not at all.
+
+Every writer of the project goes through here: the data is written to a hidden temporary
+file beside the target, flushed, then renamed over the target. On any error the temporary
+file is removed and an existing target is left untouched. Imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_path", "atomic_write", "atomic_write_text"]
+
+PathLike = str | os.PathLike[str]
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _default_mode()
+
+
+def _target(path: PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file path inside it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s content to; renamed over ``path`` on success.
+
+    For writers that want a file name (``safetensors.torch.save_file``, ``torch.save``...).
+    The final file gets the usual permissions (``0o666`` minus the umask).
+    """
+    final = _target(path)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.chmod(tmp, _MODE)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object]) -> Path:
+    """Call ``write(handle)`` on a binary temporary file, then rename it over ``path``."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
