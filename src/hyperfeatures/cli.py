@@ -240,6 +240,17 @@ def _user_warnings(caught: list[warnings.WarningMessage]) -> None:
             err_console.print(f"[yellow]warning:[/yellow] {first}", highlight=False)
 
 
+def _create_method(name: str, **kwargs: Any) -> Any:
+    """``evaluate.create_method`` with library warnings shown as one ``warning:`` line each."""
+    from .evaluate import create_method
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        method = create_method(name, **kwargs)
+    _user_warnings(caught)
+    return method
+
+
 def _parse_alphas(values: list[str] | None) -> list[float]:
     """``--alpha 0.05 --alpha 0.1`` or ``--alpha 0.05,0.1`` -> ``[0.05, 0.1]``."""
     if not values:
@@ -385,7 +396,7 @@ def eval_command(
     ] = False,
 ) -> None:
     """Benchmark a method on a keypoint dataset: PCK@alpha per category (the paper's protocol)."""
-    from .evaluate import create_method, evaluate, load_benchmark, method_spec
+    from .evaluate import evaluate, load_benchmark, method_spec
 
     try:
         method_spec(method)
@@ -400,22 +411,19 @@ def eval_command(
             per_category=per_category,
             seed=seed,
         )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            chosen = create_method(
-                method,
-                model=model,
-                model_path=model_path,
-                aggregator=aggregator,
-                device=device,
-                dtype=dtype,
-                image_size=image_size,
-                num_steps=num_steps,
-                step=step,
-                first_k=first_k,
-                seed=seed,
-            )
-        _user_warnings(caught)
+        chosen = _create_method(
+            method,
+            model=model,
+            model_path=model_path,
+            aggregator=aggregator,
+            device=device,
+            dtype=dtype,
+            image_size=image_size,
+            num_steps=num_steps,
+            step=step,
+            first_k=first_k,
+            seed=seed,
+        )
         target = out or Path("eval-results") / f"{method.replace(':', '_')}-{data.name}"
         result = evaluate(
             chosen,
@@ -469,7 +477,7 @@ def match_command(
 ) -> None:
     """Transfer points from a source image to a target image and draw the matches."""
     from .datasets import load_image
-    from .evaluate import create_method, match_pair, method_spec
+    from .evaluate import match_pair, method_spec
     from .viz import plot_correspondences
 
     try:
@@ -484,21 +492,18 @@ def match_command(
                     f"--points entry {i} ({x:g},{y:g}) lies outside the source image {source} of "
                     f"size {w}x{h}; points are (x, y) pixels with 0 <= x < {w}, 0 <= y < {h}"
                 )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            chosen = create_method(
-                method,
-                model=model,
-                model_path=model_path,
-                aggregator=aggregator,
-                device=device,
-                dtype=dtype,
-                image_size=image_size,
-                num_steps=num_steps,
-                step=step,
-                seed=seed,
-            )
-        _user_warnings(caught)
+        chosen = _create_method(
+            method,
+            model=model,
+            model_path=model_path,
+            aggregator=aggregator,
+            device=device,
+            dtype=dtype,
+            image_size=image_size,
+            num_steps=num_steps,
+            step=step,
+            seed=seed,
+        )
         pred, scores = match_pair(chosen, src, trg, pts, load_size=load_size)
         for i, ((x, y), (px, py), s) in enumerate(zip(pts, pred, scores, strict=True)):
             console.print(
