@@ -49,7 +49,7 @@ class _CallCounter:
 
 # --------------------------------------------------------------------------- preprocessing
 def test_preprocess_pil_and_tensor_agree(images: list[Image.Image]) -> None:
-    array = np.asarray(images[0])
+    array = np.array(images[0])
     tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
     for load_size in (None, 32):
         from_pil = preprocess_images(images[0], image_size=64, load_size=load_size)
