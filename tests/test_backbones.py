@@ -295,6 +295,14 @@ def test_local_folder_loads_and_matches(tmp_path: Path, tiny_sd: Backbone) -> No
     assert arch.config.block_out_channels == tiny_sd.unet.config.block_out_channels
 
 
+def test_local_folder_loads_in_the_requested_dtype(tmp_path: Path, tiny_sd: Backbone) -> None:
+    folder = _save_folder(tiny_sd, tmp_path / "tiny-sd-folder")
+    loaded = load_backbone(str(folder), dtype="bf16")
+    assert next(loaded.unet.parameters()).dtype == torch.bfloat16
+    assert next(loaded.vae.parameters()).dtype == torch.bfloat16
+    assert next(loaded.text_encoders[0].parameters()).dtype == torch.bfloat16
+
+
 def test_model_path_uses_registry_facts(tmp_path: Path, tiny_sd: Backbone) -> None:
     folder = _save_folder(
         tiny_sd,

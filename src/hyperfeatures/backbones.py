@@ -515,10 +515,15 @@ def _load_pretrained(
 
     kwargs: dict[str, Any] = {"local_files_only": _offline()}
     try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+        # weights load straight into the target dtype (half the memory of a later cast)
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=dtype, **kwargs
+        )
         family: Family = "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
         vae_dtype = torch.float32 if family == "sdxl" else dtype
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+        vae = AutoencoderKL.from_pretrained(
+            source, subfolder="vae", torch_dtype=vae_dtype, **kwargs
+        )
         tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
         encoders: list[nn.Module] = [
             CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
