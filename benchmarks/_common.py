@@ -9,6 +9,7 @@ as well. These are Linux facilities; elsewhere the memory columns read ``n/a``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -30,6 +31,7 @@ __all__ = [
     "MARKER",
     "MemoryProbe",
     "Timing",
+    "benchmark_parser",
     "cuda_sync",
     "format_bytes",
     "format_seconds",
@@ -46,6 +48,36 @@ __all__ = [
 
 MARKER = "@@BENCH_RESULT@@ "
 """Prefix of the one stdout line that carries a worker's JSON result."""
+
+
+# ----------------------------------------------------------------------------- command line
+def benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark script shares (device, dtype, sizes, extrapolation,
+    threads, allocator, JSON output, per-row timeout, and the hidden worker entry)."""
+    parser = argparse.ArgumentParser(
+        description=(doc or "").split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--load-size", type=int, default=224, help="input image size (px)")
+    parser.add_argument("--sd-size", type=int, default=512, help="VAE size for real models")
+    parser.add_argument(
+        "--max-calls",
+        type=int,
+        default=0,
+        help="time only the first K UNet calls of longer chains and extrapolate (0 = all)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument(
+        "--tuned-malloc",
+        action="store_true",
+        help="glibc keeps freed memory in every run (no page-fault churn)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write JSON (- = stdout)")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
 
 
 # ----------------------------------------------------------------------------- memory

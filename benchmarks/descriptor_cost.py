@@ -45,7 +45,6 @@ Examples::
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     MemoryProbe,
+    benchmark_parser,
     format_bytes,
     format_seconds,
     markdown_table,
@@ -438,25 +438,13 @@ def _agg_table(results: list[dict[str, Any]], checks: dict[str, Any], num_steps:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--parts", default="pipeline,agg", help="comma list of pipeline,agg")
     parser.add_argument("--models", default="tiny-sd,sd15", help="comma list (pipeline part)")
     parser.add_argument("--settings", default="one-step,11-of-50", help="comma list")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per pipeline row")
-    parser.add_argument("--load-size", type=int, default=224, help="input image size (px)")
     parser.add_argument("--tiny-size", type=int, default=64, help="VAE size for tiny models")
-    parser.add_argument("--sd-size", type=int, default=512, help="VAE size for real models")
-    parser.add_argument(
-        "--max-calls",
-        type=int,
-        default=0,
-        help="run only the first K UNet calls of longer chains and extrapolate (0 = all)",
-    )
     parser.add_argument("--agg-batch", type=int, default=2, help="images (2 = one pair)")
     parser.add_argument("--agg-steps", type=int, default=11, help="steps S of the agg part")
     parser.add_argument("--agg-repeats", type=int, default=3, help="timed runs (agg part)")
@@ -464,18 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--agg-malloc", default=",".join(MALLOC), help="comma list of default,tuned"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    parser.add_argument(
-        "--tuned-malloc",
-        action="store_true",
-        help="every row with glibc keeping freed memory (no page-fault churn)",
-    )
     parser.add_argument(
         "--quick", action="store_true", help="tiny-sd pipeline; agg part with 2 steps, batch 1"
     )
-    parser.add_argument("--json", metavar="PATH", help="also write JSON (- = stdout)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(_worker, args.worker)

@@ -47,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     MemoryProbe,
+    benchmark_parser,
     format_bytes,
     markdown_table,
     parse_csv,
@@ -260,35 +261,14 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--models", default="tiny-sd,sd15", help="comma list (tiny-sd, sd15...)")
     parser.add_argument("--steps", default="1,50", help="comma list of T (DDIM steps)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of plain,drop,keep")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration")
     parser.add_argument("--batch", type=int, default=1, help="images per run")
-    parser.add_argument("--load-size", type=int, default=224, help="input image size (px)")
     parser.add_argument("--tiny-sizes", default="64,512", help="VAE sizes for tiny models")
-    parser.add_argument("--sd-size", type=int, default=512, help="VAE size for real models")
-    parser.add_argument(
-        "--max-calls",
-        type=int,
-        default=0,
-        help="time only the first K UNet calls of longer chains and extrapolate (0 = all)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    parser.add_argument(
-        "--tuned-malloc",
-        action="store_true",
-        help="glibc keeps freed memory in every run (no page-fault churn)",
-    )
     parser.add_argument("--quick", action="store_true", help="tiny-sd at 64 px only, fast")
-    parser.add_argument("--json", metavar="PATH", help="also write JSON (- = stdout)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(_worker, args.worker)
