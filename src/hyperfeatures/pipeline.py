@@ -9,7 +9,7 @@ posterior sample for parity with the original code).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -340,11 +340,6 @@ class FeatureExtractor:
         sink = KeepAll(output_size)
         images = self.run_prompts(prompts, sink)
         return images, sink.maps
-
-
-def taps_summary(infos: Sequence[TapInfo]) -> Mapping[str, int]:
-    """``{tap: channels}`` of a list of tap infos."""
-    return {i.name: i.channels for i in infos}
 
 
 # =========================================================================== hyperfeatures
