@@ -16,6 +16,7 @@ from hyperfeatures.correspond import (
     match_points_with_scores,
     mutual_nearest_neighbors,
     nearest_neighbors,
+    resize_bilinear,
     scale_points,
     upsample_descriptors,
     warp_image,
@@ -58,6 +59,48 @@ def test_scale_points_round_trip_non_square():
     image = scale_points(grid, (16, 12), (640, 360))
     torch.testing.assert_close(image, torch.tensor([[0.0, 0.0], [600.0, 330.0], [280.0, 90.0]]))
     torch.testing.assert_close(scale_points(image, (640, 360), (16, 12)), grid)
+
+
+def test_resize_bilinear_returns_input_when_size_matches():
+    x3, x4 = _randn(4, 6, 5, seed=3), _randn(2, 4, 6, 5, seed=4)
+    assert resize_bilinear(x3, (6, 5)) is x3
+    assert resize_bilinear(x4, (6, 5)) is x4
+    square = _randn(4, 7, 7, seed=5)
+    assert resize_bilinear(square, 7) is square
+    half = square.half()
+    assert resize_bilinear(half, 7) is half
+
+
+@pytest.mark.parametrize("size", [9, (12, 5), (3, 4)])
+def test_resize_bilinear_equals_interpolate_for_3d_and_4d(size):
+    hw = (size, size) if isinstance(size, int) else size
+    x4 = _randn(2, 4, 6, 5, seed=6)
+    expected = F.interpolate(x4, size=hw, mode="bilinear", align_corners=False)
+    out4 = resize_bilinear(x4, size)
+    assert out4.dtype == torch.float32 and out4.shape == (2, 4, *hw)
+    assert torch.equal(out4, expected)
+    out3 = resize_bilinear(x4[1], size)
+    assert out3.shape == (4, *hw)
+    assert torch.equal(out3, expected[1])
+
+
+def test_resize_bilinear_half_on_cpu_computes_in_float32():
+    x = _randn(3, 6, 5, seed=7)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = x.to(dtype)
+        out = resize_bilinear(low, (11, 9))
+        assert out.dtype == dtype and out.shape == (3, 11, 9)
+        expected = F.interpolate(low[None].float(), size=(11, 9), mode="bilinear")[0].to(dtype)
+        assert torch.equal(out, expected)
+
+
+def test_resize_bilinear_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\(C, h, w\) or \(B, C, h, w\)"):
+        resize_bilinear(_randn(6, 5), 4)
+    with pytest.raises(ValueError, match=r"size must be an int \(square\) or \(h, w\)"):
+        resize_bilinear(_randn(2, 6, 5), (4, 4, 4))
+    with pytest.raises(ValueError, match="positive"):
+        resize_bilinear(_randn(2, 6, 5), 0)
 
 
 # ----------------------------------------------------------------------------- match_points

@@ -1,0 +1,36 @@
+"""Aggregation network: mixes every (step, layer) feature map into one descriptor map.
+
+- :mod:`~hyperfeatures.aggregation.kernels`: the bottleneck block and its exact fast
+  inference kernels;
+- :mod:`~hyperfeatures.aggregation.network`: :class:`AggregationNetwork` (Hub persistence,
+  compatibility checks);
+- :mod:`~hyperfeatures.aggregation.official`: import and export of the original
+  implementation's ``.pt`` checkpoints (timestep-label translation).
+"""
+
+from __future__ import annotations
+
+from .kernels import BottleneckBlock, NormConv2d, resize_bilinear
+from .network import PAPER_TAPS, AggregationNetwork, CheckpointError, check_compatible
+from .official import (
+    backbone_from_model_id,
+    load_official_checkpoint,
+    official_labels_to_steps,
+    steps_to_official_labels,
+    write_official_checkpoint,
+)
+
+__all__ = [
+    "PAPER_TAPS",
+    "AggregationNetwork",
+    "BottleneckBlock",
+    "CheckpointError",
+    "NormConv2d",
+    "backbone_from_model_id",
+    "check_compatible",
+    "load_official_checkpoint",
+    "official_labels_to_steps",
+    "resize_bilinear",
+    "steps_to_official_labels",
+    "write_official_checkpoint",
+]

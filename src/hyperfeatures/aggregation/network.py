@@ -1,0 +1,635 @@
+"""Aggregation network: mixes every (step, layer) feature map into one descriptor map.
+
+For each tapped layer ``l`` (channels ``C_l``) there is one bottleneck ``B_l``, a ResNet
+bottleneck block (1x1 conv -> GN -> ReLU -> 3x3 conv -> GN -> ReLU -> 1x1 conv -> GN, plus a
+1x1 conv + GN projection shortcut when ``C_l != P``; sum; ReLU; no conv biases; GroupNorm with
+32 groups; width ``P // 4``; ``P = projection_dim = 384``). The bottlenecks are shared across
+diffusion steps. One scalar mixing weight per (step, layer) pair, ``L * S`` of them, stored
+TIMESTEP-MAJOR (``index = s_index * L + l``), initialised to 1 and passed through one softmax
+over all ``L * S``. The descriptor is::
+
+    D = sum_s sum_l softmax(w)[s, l] * B_l(resize(r_{l,s}))        (B, P, out, out)
+
+where ``resize`` is bilinear with ``align_corners=False`` to ``output_size`` (64).
+
+The bottleneck block, the exact-algebra fast path and the fused inference kernels live in
+:mod:`hyperfeatures.aggregation.kernels`; the original implementation's ``.pt`` checkpoints
+in :mod:`hyperfeatures.aggregation.official`.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
+from torch import Tensor, nn
+
+from .kernels import BottleneckBlock, _autocast_dtype, resize_bilinear
+
+__all__ = ["PAPER_TAPS", "AggregationNetwork", "CheckpointError", "check_compatible"]
+
+PAPER_TAPS: tuple[str, ...] = tuple(
+    f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)
+)
+"""The 12 decoder ResNet blocks of the paper ("Layers 1-12"), in order."""
+
+_MODES = ("inversion", "generation")
+_MAX_LISTED = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not match the aggregation network layout."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _listing(items: Iterable[Any]) -> str:
+    items = list(items)
+    shown = ", ".join(repr(i) for i in items[:_MAX_LISTED])
+    if len(items) > _MAX_LISTED:
+        shown += f", ... ({len(items) - _MAX_LISTED} more)"
+    return shown
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation network
+# --------------------------------------------------------------------------------------------
+
+
+class AggregationNetwork(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="hyperfeatures",
+    tags=["diffusion-hyperfeatures", "semantic-correspondence"],
+):
+    """Learned mixture of per-layer bottlenecks over (step, layer) feature maps.
+
+    Args:
+        taps: layer names, one per bottleneck, e.g. ``"up_blocks.1.resnets.0"``.
+        channels: channels ``C_l`` of each tap (same length as ``taps``).
+        steps: diffusion step names (step 0 = the call on the cleanest input) whose maps are
+            mixed, in mixing-weight order.
+        projection_dim: ``P``, channels of the descriptor (384).
+        num_norm_groups: GroupNorm groups (32); must divide ``P // 4``.
+        output_size: side of the descriptor map (64); inputs are bilinearly resized to it.
+        num_inference_steps: ``T`` of the diffusion run the network was trained with
+            (default ``max(steps) + 1``).
+        backbone: short name of the diffusion model (``"sd15"``, ``"sd21"``, ...), or None.
+        mode: ``"inversion"`` or ``"generation"``, the process used in training.
+        extra: free-form JSON-serialisable metadata (training settings, provenance).
+
+    Parameters ``bottleneck_layers.{l}.0.*`` (one ``nn.Sequential`` holding one
+    :class:`BottleneckBlock` per layer) and ``mixing_weights`` (``L * S``, timestep-major:
+    ``index = s_index * L + l``) give the state-dict keys of the official checkpoints.
+
+    Save with ``save_pretrained(dir)`` (``model.safetensors`` + ``config.json``), load with
+    ``AggregationNetwork.from_pretrained(dir_or_hub_id)``, share with ``push_to_hub(repo_id)``.
+    """
+
+    def __init__(
+        self,
+        taps: list[str],
+        channels: list[int],
+        steps: list[int],
+        projection_dim: int = 384,
+        num_norm_groups: int = 32,
+        output_size: int = 64,
+        num_inference_steps: int | None = None,
+        backbone: str | None = None,
+        mode: str = "inversion",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        taps = [str(t) for t in taps]
+        if not taps:
+            raise ValueError("taps is empty; give at least one layer name")
+        dup_taps = sorted({t for t in taps if taps.count(t) > 1})
+        if dup_taps:
+            raise ValueError(f"taps must be unique; repeated: {_listing(dup_taps)}")
+        channels = list(channels)
+        if len(channels) != len(taps):
+            raise ValueError(
+                f"channels has {len(channels)} entries but taps has {len(taps)}; "
+                "give one channel count per tap"
+            )
+        bad_ch = [(t, c) for t, c in zip(taps, channels, strict=True) if not _is_int(c) or c < 1]
+        if bad_ch:
+            raise ValueError(f"channels must be positive ints; bad (tap, channels): {bad_ch}")
+        steps = list(steps)
+        if not steps:
+            raise ValueError("steps is empty; give at least one diffusion step")
+        bad_steps = [s for s in steps if not _is_int(s) or s < 0]
+        if bad_steps:
+            raise ValueError(f"steps must be non-negative ints; got {_listing(bad_steps)}")
+        if len(set(steps)) != len(steps):
+            raise ValueError(f"steps must be unique; got {steps}")
+        if num_inference_steps is None:
+            num_inference_steps = max(steps) + 1
+        if not _is_int(num_inference_steps) or max(steps) >= num_inference_steps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps!r} must be an int larger than every "
+                f"step (largest step: {max(steps)})"
+            )
+        if not _is_int(projection_dim) or projection_dim < 4 or projection_dim % 4:
+            raise ValueError(f"projection_dim={projection_dim!r} must be a positive multiple of 4")
+        if not _is_int(num_norm_groups) or num_norm_groups < 1:
+            raise ValueError(f"num_norm_groups={num_norm_groups!r} must be a positive int")
+        if (projection_dim // 4) % num_norm_groups:
+            raise ValueError(
+                f"projection_dim // 4 = {projection_dim // 4} is not divisible by "
+                f"num_norm_groups={num_norm_groups}; pick e.g. projection_dim="
+                f"{4 * num_norm_groups * max(1, round(projection_dim / (4 * num_norm_groups)))}"
+            )
+        if not _is_int(output_size) or output_size < 1:
+            raise ValueError(f"output_size={output_size!r} must be a positive int")
+        if mode not in _MODES:
+            raise ValueError(f"mode={mode!r} must be one of {_MODES}")
+        extra = dict(extra or {})
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"extra must be JSON-serialisable: {err}") from err
+
+        self.taps: tuple[str, ...] = tuple(taps)
+        self.channels: tuple[int, ...] = tuple(int(c) for c in channels)
+        self.steps: tuple[int, ...] = tuple(int(s) for s in steps)
+        self.projection_dim = int(projection_dim)
+        self.num_norm_groups = int(num_norm_groups)
+        self.output_size = int(output_size)
+        self.num_inference_steps = int(num_inference_steps)
+        self.backbone = backbone
+        self.mode = mode
+        self.extra = extra
+        self._tap_index = {t: i for i, t in enumerate(self.taps)}
+        self._step_index = {s: i for i, s in enumerate(self.steps)}
+
+        self.bottleneck_layers = nn.ModuleList(
+            nn.Sequential(
+                BottleneckBlock(
+                    c,
+                    self.projection_dim,
+                    bottleneck_channels=self.projection_dim // 4,
+                    num_norm_groups=self.num_norm_groups,
+                )
+            )
+            for c in self.channels
+        )
+        self.mixing_weights = nn.Parameter(torch.ones(len(self.taps) * len(self.steps)))
+        # What save_pretrained writes to config.json: resolved, JSON-clean values.
+        self._hub_mixin_config = self.config
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-serialisable); ``AggregationNetwork(**net.config)``
+        rebuilds the architecture."""
+        return {
+            "taps": list(self.taps),
+            "channels": list(self.channels),
+            "steps": list(self.steps),
+            "projection_dim": self.projection_dim,
+            "num_norm_groups": self.num_norm_groups,
+            "output_size": self.output_size,
+            "num_inference_steps": self.num_inference_steps,
+            "backbone": self.backbone,
+            "mode": self.mode,
+            "extra": json.loads(json.dumps(self.extra)),
+        }
+
+    @property
+    def num_layers(self) -> int:
+        """``L``, the number of taps / bottlenecks."""
+        return len(self.taps)
+
+    @property
+    def num_steps(self) -> int:
+        """``S``, the number of diffusion steps mixed."""
+        return len(self.steps)
+
+    def extra_repr(self) -> str:
+        return (
+            f"L={self.num_layers}, S={self.num_steps}, P={self.projection_dim}, "
+            f"output_size={self.output_size}, T={self.num_inference_steps}, "
+            f"backbone={self.backbone!r}, mode={self.mode!r}"
+        )
+
+    def tap_index(self, tap: str) -> int:
+        """Position ``l`` of ``tap``; ValueError listing the known taps otherwise."""
+        try:
+            return self._tap_index[tap]
+        except KeyError:
+            raise ValueError(
+                f"tap {tap!r} is not one of this network's taps: {_listing(self.taps)}"
+            ) from None
+
+    def step_index(self, step: int) -> int:
+        """Position ``s_index`` of ``step``; ValueError listing the known steps otherwise."""
+        try:
+            return self._step_index[step]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"step {step!r} is not one of this network's steps: {list(self.steps)}"
+            ) from None
+
+    # ---------------------------------------------------------------- mixing weights
+    def mixing_matrix(self) -> Tensor:
+        """Softmaxed mixing weights as ``(S, L)``: row = step (in ``steps`` order), column =
+        layer (in ``taps`` order); sums to 1. Differentiable."""
+        return torch.softmax(self.mixing_weights, dim=0).view(self.num_steps, self.num_layers)
+
+    def mixing_weight(self, step: int, tap: str) -> Tensor:
+        """Softmaxed weight (0-d float tensor) of the map of ``tap`` at ``step``."""
+        s, layer = self.step_index(step), self.tap_index(tap)
+        return torch.softmax(self.mixing_weights, dim=0)[s * self.num_layers + layer]
+
+    # ---------------------------------------------------------------- compute
+    def _check_map(self, key: Any, x: Any, channels: int) -> None:
+        if not isinstance(x, Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"map {key!r} must be a (B, C, h, w) tensor, got {shape}")
+        if x.shape[1] != channels:
+            raise ValueError(
+                f"map {key!r} has {x.shape[1]} channels but the network expects {channels}"
+            )
+
+    def project(self, tap: str, x: Tensor) -> Tensor:
+        """Bottleneck of one layer applied to a native-resolution map, resized to the output.
+
+        Equals ``B_l(resize_bilinear(x, output_size))`` up to float rounding, computed with the
+        exact-algebra fast path (1x1 convs before the resize; see
+        :mod:`hyperfeatures.aggregation.kernels`).
+
+        Args:
+            tap: the layer name.
+            x: ``(N, C_l, h, w)`` at any resolution; ``N`` may stack several steps of the layer
+                (they share the bottleneck), e.g. ``torch.cat([x_s0, x_s1, ...])``.
+
+        Returns:
+            ``(N, P, output_size, output_size)``, not weighted; without autograd computed by
+            the fused inference kernels and returned in channels_last memory format.
+        """
+        layer = self.tap_index(tap)
+        self._check_map(tap, x, self.channels[layer])
+        block: BottleneckBlock = self.bottleneck_layers[layer][0]
+        if not self._needs_grad(x):
+            return self._fused(block, x, 1.0)
+        x = x.to(dtype=self.mixing_weights.dtype)
+        return block.forward_resized(x, self.output_size)
+
+    def contribution(self, step: int, tap: str, x: Tensor) -> Tensor:
+        """Weighted term ``softmax(w)[step, tap] * project(tap, x)`` of the descriptor sum, for
+        consumers that fold maps as they arrive: ``(B, C_l, h, w) -> (B, P, out, out)``.
+
+        Without autograd (under ``torch.no_grad()`` / ``torch.inference_mode()``) the weight is
+        folded into the bottleneck (:meth:`BottleneckBlock.forward_fused`) and the result comes
+        in channels_last memory format, ready for ``running_sum.add_(term)``.
+        """
+        if not self._needs_grad(x):
+            layer = self.tap_index(tap)
+            self._check_map(tap, x, self.channels[layer])
+            weight = float(self.mixing_weight(step, tap))
+            return self._fused(self.bottleneck_layers[layer][0], x, weight)
+        return self.mixing_weight(step, tap) * self.project(tap, x)
+
+    def _needs_grad(self, x: Tensor) -> bool:
+        """Whether autograd must see the computation (else the fused kernels run)."""
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+
+    def _fused(self, block: BottleneckBlock, x: Tensor, weight: float) -> Tensor:
+        """``weight * B(resize(x))`` with the fused inference kernels; an active
+        ``torch.autocast`` region on the map's device selects the compute dtype (bf16/fp16
+        speed mode), GroupNorm statistics and the result stay fp32."""
+        compute = _autocast_dtype(x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return block.forward_fused(x, self.output_size, weight, compute_dtype=compute)
+
+    @staticmethod
+    def _flatten_maps(maps: Any) -> dict[Any, Tensor]:
+        """Accept ``{(step, tap): x}`` or the nested ``{step: {tap: x}}`` of ``KeepAll``."""
+        if not isinstance(maps, Mapping):
+            raise ValueError(
+                f"maps must be a mapping {{(step, tap): tensor}}, got {type(maps).__name__}"
+            )
+        if maps and all(isinstance(v, Mapping) for v in maps.values()):
+            return {(s, t): x for s, inner in maps.items() for t, x in inner.items()}
+        return dict(maps)
+
+    def _validate_maps(self, maps: Mapping[Any, Tensor]) -> int:
+        expected = {(s, t) for s in self.steps for t in self.taps}
+        given = set(maps.keys())
+        missing = sorted(expected - given, key=str)
+        extra = sorted(given - expected, key=str)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: {_listing(missing)}")
+            if extra:
+                parts.append(f"unexpected {len(extra)}: {_listing(extra)}")
+            raise ValueError(
+                "maps do not match the network's (step, tap) pairs; "
+                + "; ".join(parts)
+                + f". The network mixes steps {list(self.steps)} of taps {list(self.taps)}"
+            )
+        wrong = []
+        batch_sizes = set()
+        for (s, t), x in maps.items():
+            if not isinstance(x, Tensor) or x.ndim != 4:
+                self._check_map((s, t), x, self.channels[self._tap_index[t]])
+            if x.shape[1] != self.channels[self._tap_index[t]]:
+                wrong.append(
+                    f"{(s, t)!r}: {x.shape[1]} (expected {self.channels[self._tap_index[t]]})"
+                )
+            batch_sizes.add(x.shape[0])
+        if wrong:
+            raise ValueError(f"maps with the wrong channel count: {_listing(wrong)}")
+        if len(batch_sizes) != 1:
+            raise ValueError(f"all maps must share one batch size; got {sorted(batch_sizes)}")
+        return batch_sizes.pop()
+
+    def forward(self, maps: Mapping[tuple[int, str], Tensor]) -> Tensor:
+        """Descriptor map from every (step, tap) map at its native resolution.
+
+        Args:
+            maps: ``{(step, tap): (B, C_l, h, w)}`` (or nested ``{step: {tap: map}}``) for
+                exactly the network's steps x taps; ``h, w`` may differ between taps (e.g. 8,
+                16, 32, 64 for SD 1.5 at 512 px).
+
+        Returns:
+            ``(B, P, output_size, output_size)`` = ``sum_{s,l} softmax(w)[s, l] *
+            B_l(resize(maps[(step_s, tap_l)]))``, contiguous. Without autograd the fused
+            inference kernels run (see :mod:`hyperfeatures.aggregation.kernels`;
+            ``torch.autocast`` with bf16 is the speed mode); with autograd, a differentiable
+            path with the same value.
+        """
+        maps = self._flatten_maps(maps)
+        batch = self._validate_maps(maps)
+        probs = self.mixing_matrix()
+        out: Tensor | None = None
+        if not any(self._needs_grad(x) for x in maps.values()):
+            # Inference: one map at a time through the fused kernels (the working set of one
+            # bottleneck stays in the CPU cache; nothing of size S x ... is materialised).
+            table = probs.tolist()
+            for layer, tap in enumerate(self.taps):
+                block = self.bottleneck_layers[layer][0]
+                for s_index, step in enumerate(self.steps):
+                    term = self._fused(block, maps[(step, tap)], table[s_index][layer])
+                    out = term if out is None else out.add_(term)
+            assert out is not None
+            return out.contiguous()
+        for layer, tap in enumerate(self.taps):
+            xs = [maps[(s, tap)] for s in self.steps]
+            if all(x.shape == xs[0].shape for x in xs):
+                # The S steps share the bottleneck: one batched call.
+                y = self.project(tap, torch.cat(xs, dim=0))
+                y = y.view(self.num_steps, batch, *y.shape[1:])
+                term = (probs[:, layer].view(-1, 1, 1, 1, 1).to(y.dtype) * y).sum(dim=0)
+            else:
+                term = probs[0, layer] * self.project(tap, xs[0])
+                for i, x in enumerate(xs[1:], start=1):
+                    term = term + probs[i, layer] * self.project(tap, x)
+            out = term if out is None else out + term
+        assert out is not None
+        return out
+
+    def stack_maps(self, maps: Mapping[tuple[int, str], Tensor]) -> Tensor:
+        """The original implementation's input: every map resized to ``output_size`` and
+        concatenated along channels, timestep-major (for each step, the L taps).
+
+        Args:
+            maps: as for :meth:`forward`.
+
+        Returns:
+            ``(B, S * sum_l C_l, output_size, output_size)``, input of :meth:`forward_stacked`.
+        """
+        maps = self._flatten_maps(maps)
+        self._validate_maps(maps)
+        return torch.cat(
+            [
+                resize_bilinear(maps[(s, t)], self.output_size)
+                for s in self.steps
+                for t in self.taps
+            ],
+            dim=1,
+        )
+
+    def forward_stacked(self, x: Tensor) -> Tensor:
+        """The original interface: bottlenecks at full resolution on a stacked input.
+
+        Args:
+            x: ``(B, S * sum_l C_l, H, W)``, maps already resized (to ``output_size``) and
+                concatenated timestep-major (see :meth:`stack_maps`).
+
+        Returns:
+            ``(B, P, H, W)``; the reference for :meth:`forward` (same value up to rounding).
+        """
+        total = self.num_steps * sum(self.channels)
+        if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != total:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"forward_stacked expects (B, {total}, H, W) = S x sum(channels) = "
+                f"{self.num_steps} x {sum(self.channels)} channels, got {shape}"
+            )
+        x = x.to(dtype=self.mixing_weights.dtype)
+        probs = torch.softmax(self.mixing_weights, dim=0)
+        out: Tensor | None = None
+        start = 0
+        for i in range(self.num_steps * self.num_layers):
+            layer = i % self.num_layers
+            end = start + self.channels[layer]
+            term = probs[i] * self.bottleneck_layers[layer](x[:, start:end])
+            start = end
+            out = term if out is None else out + term
+        assert out is not None
+        return out
+
+    # ---------------------------------------------------------------- persistence
+    def _save_pretrained(self, save_directory: Path) -> None:
+        # Refresh what goes into config.json (``extra`` may have been edited since __init__).
+        self._hub_mixin_config = self.config
+        super()._save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        **kwargs: Any,
+    ) -> AggregationNetwork:
+        """Load a network saved with :meth:`save_pretrained` from a local directory or a Hub
+        repository id (``model.safetensors`` + ``config.json``).
+
+        Keyword arguments are those of ``PyTorchModelHubMixin.from_pretrained`` (``revision``,
+        ``cache_dir``, ``local_files_only``, ``token``, ``map_location="cpu"``, ...); weights
+        are loaded strictly. For an official ``.pt`` file use :func:`load_official_checkpoint`.
+        """
+        name = str(pretrained_model_name_or_path)
+        path = Path(name).expanduser()
+        if path.is_file():
+            raise FileNotFoundError(
+                f"{path} is a file; from_pretrained expects a directory written by "
+                "save_pretrained (config.json + model.safetensors). For an official .pt "
+                "checkpoint use hyperfeatures.aggregation.load_official_checkpoint(path)"
+            )
+        if path.is_dir():
+            needed = (constants.CONFIG_NAME, constants.SAFETENSORS_SINGLE_FILE)
+            missing = [f for f in needed if not (path / f).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{path} lacks {', '.join(missing)}; a saved aggregation network directory "
+                    f"holds {' and '.join(needed)} (write one with net.save_pretrained(dir))"
+                )
+            name = str(path)
+        elif (
+            name.startswith((".", "/", "~"))
+            or name.count("/") > 1
+            or name.endswith((".pt", ".pth", ".safetensors", ".json"))
+        ):
+            raise FileNotFoundError(
+                f"{name} does not exist (and is not a Hub repository id of the form owner/name)"
+            )
+        return super().from_pretrained(name, **kwargs)
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **model_kwargs: Any,
+    ) -> AggregationNetwork:
+        from safetensors.torch import load_file
+
+        if not model_kwargs:
+            raise FileNotFoundError(f"no config.json found for {model_id!r}")
+        model = cls(**model_kwargs)
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
+        else:
+            weights = hf_hub_download(
+                repo_id=model_id,
+                filename=constants.SAFETENSORS_SINGLE_FILE,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        state = load_file(weights, device=str(map_location))
+        _check_state_dict(model, state, source=weights, strict=strict)
+        model.load_state_dict(state, strict=strict)
+        model.to(torch.device(map_location))
+        return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# compatibility and state-dict checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_state_dict(
+    network: AggregationNetwork, state: Mapping[str, Any], *, source: str, strict: bool = True
+) -> None:
+    """Raise CheckpointError listing missing, unexpected and mis-shaped keys."""
+    expected = network.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected] if strict else []
+    shapes = [
+        f"{k}: file {tuple(getattr(state[k], 'shape', ()))} vs network {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and (not isinstance(state[k], Tensor) or state[k].shape != v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        if shapes:
+            parts.append(f"wrong shapes ({len(shapes)}): {_listing(shapes)}")
+        raise CheckpointError(
+            f"{source}: the weights do not fit the aggregation network "
+            f"(L={network.num_layers} taps, S={network.num_steps} steps, "
+            f"P={network.projection_dim}): " + "; ".join(parts)
+        )
+
+
+def _tap_pairs(tap_infos: Any) -> list[tuple[str, int]]:
+    if isinstance(tap_infos, Mapping):
+        return [(str(k), int(v)) for k, v in tap_infos.items()]
+    pairs = []
+    for info in tap_infos:
+        if isinstance(info, tuple | list) and len(info) == 2:
+            pairs.append((str(info[0]), int(info[1])))
+            continue
+        name = next((getattr(info, a) for a in ("name", "path", "tap") if hasattr(info, a)), None)
+        channels = getattr(info, "channels", None)
+        if name is None or channels is None:
+            raise ValueError(
+                f"tap info {info!r} is neither a (name, channels) pair nor an object with "
+                "name/path and channels attributes"
+            )
+        pairs.append((str(name), int(channels)))
+    return pairs
+
+
+def check_compatible(
+    network: AggregationNetwork,
+    tap_infos: Mapping[str, int] | Iterable[Any],
+    *,
+    num_inference_steps: int | None = None,
+) -> None:
+    """Check that a backbone provides every tap the network needs, with the right channels.
+
+    Args:
+        network: the aggregation network.
+        tap_infos: the backbone's taps as ``{name: channels}``, ``[(name, channels), ...]`` or
+            records with ``name`` (or ``path``) and ``channels`` attributes. Extra taps are fine.
+        num_inference_steps: if given, the ``T`` of the planned diffusion run, which must equal
+            the network's (its steps are positions on that T-step grid).
+
+    Raises:
+        ValueError: listing missing taps and channel mismatches.
+    """
+    available = dict(_tap_pairs(tap_infos))
+    missing = [t for t in network.taps if t not in available]
+    wrong = [
+        f"{t}: backbone {available[t]} vs network {c}"
+        for t, c in zip(network.taps, network.channels, strict=True)
+        if t in available and available[t] != c
+    ]
+    problems = []
+    if missing:
+        problems.append(f"taps missing from the backbone: {_listing(missing)}")
+    if wrong:
+        problems.append(f"channel mismatches: {_listing(wrong)}")
+    if num_inference_steps is not None and num_inference_steps != network.num_inference_steps:
+        problems.append(
+            f"the network was trained with num_inference_steps={network.num_inference_steps}, "
+            f"the run uses {num_inference_steps}"
+        )
+    if problems:
+        raise ValueError(
+            f"aggregation network (backbone={network.backbone!r}) does not fit this backbone: "
+            + "; ".join(problems)
+            + ". Use the backbone the network was trained on, or train a new network"
+        )
