@@ -94,8 +94,8 @@ def _seeded_network(net: Any, seed: int) -> Any:
 
 # ----------------------------------------------------------------------------- pipeline part
 def _pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    from hyperfeatures.backbones import load_backbone
-    from hyperfeatures.diffusion import capture_steps_hooks, invert
+    from hyperfeatures.sources.backbones import load_backbone
+    from hyperfeatures.sources.diffusion import capture_steps_hooks, invert
     from hyperfeatures.pipeline import FeatureExtractor, untrained_network
     from hyperfeatures.sinks import KeepAll, StreamingAggregator
     from hyperfeatures.taps import capture
@@ -250,7 +250,7 @@ def agg_macs(num_steps: int, *, ours: bool) -> int:
 
 
 def _agg_worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    from hyperfeatures.aggregation import resize_bilinear
+    from hyperfeatures.correspond import resize_bilinear
     from hyperfeatures.sinks import StreamingAggregator
 
     if cfg.get("threads"):

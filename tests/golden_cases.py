@@ -65,61 +65,64 @@ def _randomise(net: torch.nn.Module, seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- cases
+def _tiny(name: str = "tiny-sd"):
+    from hyperfeatures.sources import load_source
+
+    return load_source(name)
+
+
 def case_pipeline_one_step() -> dict[str, torch.Tensor]:
     """Streaming hyperfeatures, one-step (T = 1), untrained seeded network, randomised."""
+    from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import HyperfeaturePipeline, untrained_network
 
-    from hyperfeatures.backbones import load_backbone
-
-    bb = load_backbone("tiny-sd")
-    net = untrained_network(bb, num_steps=1, steps="all", image_size=64, seed=1)
+    bb = _tiny()
+    settings = Settings(
+        model="tiny-sd", num_steps=1, steps="all", image_size=64, load_size=64, seed=1
+    )
+    net = untrained_network(bb, settings)
     _randomise(net, 1)
-    pipe = HyperfeaturePipeline(bb, net, image_size=64)
-    return {"desc": pipe(_images(), load_size=64)}
+    pipe = HyperfeaturePipeline(bb, net)
+    return {"desc": pipe(_images())}
 
 
 def case_pipeline_50_steps() -> dict[str, torch.Tensor]:
     """Streaming and keep-all hyperfeatures, T = 50, the paper's 11 steps (every:5)."""
+    from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import FeatureExtractor, HyperfeaturePipeline, untrained_network
     from hyperfeatures.sinks import KeepAll
 
-    from hyperfeatures.backbones import load_backbone
-
-    bb = load_backbone("tiny-sd")
-    net = untrained_network(bb, num_steps=50, steps="every:5", image_size=64, seed=2)
-    _randomise(net, 2)
-    pipe = HyperfeaturePipeline(bb, net, image_size=64)
-    out = {"stream": pipe(_images(), load_size=48)}
-    ex = FeatureExtractor(
-        bb, taps=list(net.taps), num_steps=50, steps=list(net.steps), image_size=64
+    bb = _tiny()
+    settings = Settings(
+        model="tiny-sd", num_steps=50, steps="every:5", image_size=64, load_size=48, seed=2
     )
+    net = untrained_network(bb, settings)
+    _randomise(net, 2)
+    pipe = HyperfeaturePipeline(bb, net)
+    out = {"stream": pipe(_images())}
+    ex = FeatureExtractor(bb, net.settings)
     keep = KeepAll()
-    ex.run_images(_images(), keep, load_size=48)
+    ex.run(_images(), keep)
     with torch.no_grad():
         out["keep_all"] = net(keep.maps)
     for step in (0, 24, 49):
         for tap in ("up_blocks.0.resnets.0", "up_blocks.3.resnets.2"):
             out[f"raw/{step}/{tap}"] = keep.maps[step][tap]
-    first = HyperfeaturePipeline(bb, net, image_size=64, first_k=10)
-    out["first_k10"] = first(_images(), load_size=48)
-    top_raw = HyperfeaturePipeline(bb, net, image_size=64, top1="raw")
-    out["top1_raw"] = top_raw(_images(), load_size=48)
-    top_b = HyperfeaturePipeline(bb, net, image_size=64, top1="bottleneck")
-    out["top1_bottleneck"] = top_b(_images(), load_size=48)
+    out["first_k10"] = HyperfeaturePipeline(bb, net, first_k=10)(_images())
+    out["top1_raw"] = HyperfeaturePipeline(bb, net, top1="raw")(_images())
+    out["top1_bottleneck"] = HyperfeaturePipeline(bb, net, top1="bottleneck")(_images())
     return out
 
 
 def case_extract_options() -> dict[str, torch.Tensor]:
     """Raw maps with non-default options: posterior sample, prompt, attention taps, SDXL."""
+    from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import FeatureExtractor
     from hyperfeatures.sinks import KeepAll
 
-    from hyperfeatures.backbones import load_backbone
-
     out = {}
-    bb = load_backbone("tiny-sd")
-    ex = FeatureExtractor(
-        bb,
+    settings = Settings(
+        model="tiny-sd",
         taps=[
             "up_blocks.1.attentions.0.transformer_blocks.0.attn1:q",
             "up_blocks.2.resnets.1:out",
@@ -128,19 +131,21 @@ def case_extract_options() -> dict[str, torch.Tensor]:
         num_steps=10,
         steps="0,3,9",
         image_size=64,
+        load_size=None,
         posterior="sample",
         seed=5,
         prompt="a photo of a cat",
     )
+    ex = FeatureExtractor(_tiny(), settings)
     keep = KeepAll(output_size=16)
-    ex.run_images(_images(3), keep, load_size=None, first_index=2)
+    ex.run(_images(3), keep, first_index=2)
     for step, maps in keep.maps.items():
         for tap, x in maps.items():
             out[f"sd/{step}/{tap}"] = x
-    xl = load_backbone("tiny-sdxl")
-    ex = FeatureExtractor(xl, taps="dhf", num_steps=4, steps="all", image_size=64)
+    settings = Settings(model="tiny-sdxl", num_steps=4, steps="all", image_size=64, load_size=32)
+    ex = FeatureExtractor(_tiny("tiny-sdxl"), settings)
     keep = KeepAll(output_size=8)
-    ex.run_images(_images(1), keep, load_size=32)
+    ex.run(_images(1), keep)
     for step, maps in keep.maps.items():
         for tap, x in maps.items():
             out[f"sdxl/{step}/{tap}"] = x
@@ -149,16 +154,20 @@ def case_extract_options() -> dict[str, torch.Tensor]:
 
 def case_generation() -> dict[str, torch.Tensor]:
     """Generation features (guided, conditional branch) and images."""
+    from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import FeatureExtractor
 
-    from hyperfeatures.backbones import load_backbone
-
-    bb = load_backbone("tiny-sd")
-    ex = FeatureExtractor(
-        bb, taps="layer-4", num_steps=5, steps="all", image_size=64, seed=3,
-        guidance_scale=3.0, negative_prompt="blurry",
+    settings = Settings(
+        model="tiny-sd",
+        taps="layer-4",
+        num_steps=5,
+        steps="all",
+        image_size=64,
+        seed=3,
+        guidance_scale=3.0,
+        negative_prompt="blurry",
     )
-    images, maps = ex.generate(["a cat", "a dog"], output_size=8)
+    images, maps = FeatureExtractor(_tiny(), settings).generate(["a cat", "a dog"], output_size=8)
     out = {"images": images}
     for step, inner in maps.items():
         for tap, x in inner.items():
@@ -217,14 +226,12 @@ def case_official_import() -> dict[str, torch.Tensor]:
     from hyperfeatures.aggregation import load_official_checkpoint
     from hyperfeatures.pipeline import HyperfeaturePipeline
 
-    from hyperfeatures.backbones import load_backbone
-
     with tempfile.TemporaryDirectory() as tmp:
         net = load_official_checkpoint(official_checkpoint(Path(tmp) / "official.pt"))
     assert list(net.steps) == [0, 4, 9], net.steps
-    bb = load_backbone("tiny-sd")
-    pipe = HyperfeaturePipeline(bb, net, image_size=64)
-    return {"desc": pipe(_images(), load_size=64), "mixing": net.mixing_matrix().detach()}
+    settings = net.settings.replace(image_size=64, load_size=64)
+    pipe = HyperfeaturePipeline(_tiny(), net, settings=settings)
+    return {"desc": pipe(_images()), "mixing": net.mixing_matrix().detach()}
 
 
 def case_evaluation() -> dict[str, torch.Tensor]:

@@ -2,15 +2,18 @@
 
 Writes into ``out``:
 
-- ``<key>.safetensors`` per image or prompt: tensors ``step_{k}/{tap}`` of shape ``(C, h, w)``
-  and metadata (model, taps, steps, num_steps, image/load size, source file, original size,
-  prompt). Each file appears only once complete (temp file, then rename).
+- ``<key>.safetensors`` per image or prompt (the format of :mod:`hyperfeatures.cache`):
+  tensors ``step_{k}/{tap}`` of shape ``(C, h, w)`` and metadata: the effective settings
+  record (taps resolved, input size filled in), the model, its dtype, the storage dtype, the
+  output size, the process (``inversion`` / ``generation``), the source file and original
+  size (or the prompt). Each file appears only once complete (temp file, then rename).
 - ``<key>.png`` per prompt: the generated image.
 - ``manifest.json``: the settings and one entry per input (status ``ok``, ``skipped``,
   ``failed`` with the reason), rewritten atomically after every batch.
 
 An interrupted run leaves only complete files; ``resume=True`` skips the inputs whose file
-exists (after checking that its settings match), ``overwrite=True`` replaces them, and with
+exists (after checking that everything that shapes its content matches: the settings record,
+the model dtype, storage, output size and process), ``overwrite=True`` replaces them, and with
 neither an existing file is an error.
 """
 
@@ -30,13 +33,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ._io import atomic_write, atomic_write_text
+from .cache import read_feature_file
+from .config import Settings
 from .datasets.images import ImageLoadError, iter_image_paths, load_image
 from .pipeline import FeatureExtractor
-from .sinks import DiskWriter, read_feature_file
+from .sinks import DiskWriter
 
 __all__ = ["ExtractJob", "read_prompts"]
 
-_SETTINGS_CHECKED = ("model", "tap_names", "steps", "num_steps", "image_size", "load_size")
+# Metadata that determines a file's content: a file made with other values is not resumed.
+_CONTENT_FIELDS = ("settings", "model", "dtype", "storage", "output_size", "mode")
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:
@@ -80,18 +86,9 @@ class ExtractJob:
     """One extraction run (the engine behind ``hyperfeatures extract``)."""
 
     out: Path
-    model: str = "tiny-sd"
+    settings: Settings = field(default_factory=Settings)
     model_path: str | None = None
-    taps: Any = "dhf"
-    num_steps: int = 50
-    steps: Any = "every:5"
-    image_size: int | None = None
-    load_size: int | None = None
     output_size: int | None = None
-    guidance_scale: float = 7.5
-    negative_prompt: str = ""
-    posterior: str = "mean"
-    seed: int = 0
     batch_size: int = 4
     storage: str = "fp32"
     device: str = "cpu"
@@ -109,35 +106,29 @@ class ExtractJob:
             raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
+        if self.storage not in ("fp32", "fp16"):
+            raise ValueError(f"storage must be fp32 or fp16, got {self.storage!r}")
 
     # ------------------------------------------------------------------ setup
     def _extractor(self) -> FeatureExtractor:
         if self.extractor is None:
-            self.extractor = FeatureExtractor.from_pretrained(
-                self.model,
-                device=self.device,
-                dtype=self.dtype,
-                model_path=self.model_path,
-                taps=self.taps,
-                num_steps=self.num_steps,
-                steps=self.steps,
-                image_size=self.image_size,
-                load_size=self.load_size,
-                posterior=self.posterior,
-                seed=self.seed,
-                guidance_scale=self.guidance_scale,
-                negative_prompt=self.negative_prompt,
+            self.extractor = FeatureExtractor.from_settings(
+                self.settings, device=self.device, dtype=self.dtype, model_path=self.model_path
             )
         return self.extractor
 
     def _writer(self, ex: FeatureExtractor, mode: str) -> DiskWriter:
-        settings = {**ex.describe(), "mode": mode, "output_size": self.output_size}
-        dtype = torch.float16 if self.storage == "fp16" else torch.float32
-        self._manifest = {
-            "settings": settings,
+        settings = {
+            "settings": ex.settings.to_dict(),
+            "model": ex.source.name,
+            "kind": ex.source.kind,
+            "dtype": str(ex.source.dtype).removeprefix("torch."),
             "storage": self.storage,
-            "items": [],
+            "output_size": self.output_size,
+            "mode": mode,
         }
+        dtype = torch.float16 if self.storage == "fp16" else torch.float32
+        self._manifest = {"settings": settings, "items": []}
         return DiskWriter(self.out, dtype=dtype, metadata=settings, output_size=self.output_size)
 
     def _existing(self, writer: DiskWriter, key: str, settings: dict[str, Any]) -> bool:
@@ -153,10 +144,14 @@ class ExtractJob:
                 "--overwrite to replace the files"
             )
         _maps, meta = read_feature_file(path, steps=[], taps=[])
-        diffs = [k for k in _SETTINGS_CHECKED if meta.get(k) != settings.get(k)]
+        diffs = [k for k in _CONTENT_FIELDS if meta.get(k) != settings.get(k)]
+        if "settings" in diffs and isinstance(meta.get("settings"), dict):
+            old, new = meta["settings"], settings["settings"]
+            diffs = [k for k in diffs if k != "settings"]
+            diffs += [f"{k}: {old.get(k)!r} != {new[k]!r}" for k in new if old.get(k) != new[k]]
         if diffs:
             raise ValueError(
-                f"--resume: {path} was written with other settings ({', '.join(diffs)}); use "
+                f"--resume: {path} was written with other settings ({'; '.join(diffs)}); use "
                 "another --out folder or --overwrite"
             )
         return True
@@ -233,7 +228,7 @@ class ExtractJob:
                             for _i, p, _k, img in run
                         ],
                     )
-                    ex.run_images([img for *_, img in run], writer, first_index=run[0][0])
+                    ex.run([img for *_, img in run], writer, first_index=run[0][0])
                     for path, (_i, p, k, img) in zip(writer.end_batch(), run, strict=True):
                         items.append(
                             {
@@ -256,7 +251,6 @@ class ExtractJob:
         ex = self._extractor()
         self.out.mkdir(parents=True, exist_ok=True)
         writer = self._writer(ex, "generation")
-        writer.metadata.pop("prompt", None)
         settings = writer.metadata
         keys = [f"prompt_{i:05d}" for i in range(len(prompts))]
         items = self._manifest["items"]

@@ -1,61 +1,91 @@
 """Sinks: consumers of tap events ``(step, tap, map)``.
 
-Everything that produces features (the diffusion loops with their taps) emits the same event;
-everything that consumes them is a sink, a callable ``sink(step, tap, tensor)`` with the map
-``tensor: (B, C, h, w)`` at the tap's native resolution. A sink may also define
-``begin_batch(keys)`` and ``end_batch()``; the extractor calls them around each batch.
+Everything that produces features (a feature source with its taps) emits the same event;
+everything that consumes them is a sink: ``sink(step, tap, map)`` with ``map: (B, C, h, w)``
+at the tap's native resolution. The protocol is :class:`Sink`: ``__call__`` plus three
+optional methods with no-op defaults, ``begin_batch(keys, metadata)`` / ``end_batch()``
+around each batch and ``result()`` for sinks that compute something. A plain function is a
+sink too (:func:`as_sink` wraps it).
 
 - :class:`KeepAll` keeps every map (optionally resized), ``maps[step][tap]``.
-- :class:`DiskWriter` writes one safetensors file per image, atomically.
-- :class:`Fanout` sends each event to several sinks.
+- :class:`Stack` concatenates the maps along channels: the raw-tap descriptors (one tap,
+  ``SD-Layer-4``; every layer resized to 64 x 64, ``SD-Concat-All``).
 - :class:`StreamingAggregator` folds each map into the running weighted sum of an
   aggregation network as it arrives: the memory of one descriptor, not of L x S maps.
+- :class:`Top1` the map of the single (step, tap) pair of largest mixing weight.
+- :class:`DiskWriter` writes one feature file per image (:mod:`hyperfeatures.cache`).
+- :class:`Fanout` sends each event to several sinks.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
-from ._io import atomic_path
+from .cache import feature_key, write_feature_file
+from .correspond import resize_bilinear
+
+if TYPE_CHECKING:
+    from .aggregation import AggregationNetwork
 
 __all__ = [
     "DiskWriter",
     "Fanout",
     "KeepAll",
     "Sink",
+    "Stack",
     "StreamingAggregator",
-    "feature_key",
-    "read_feature_file",
-    "resize_map",
+    "Top1",
+    "as_sink",
 ]
 
 
-@runtime_checkable
-class Sink(Protocol):
-    """A consumer of tap events."""
+class Sink:
+    """The sink protocol: a callable on tap events, with optional batch hooks and a result.
 
-    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None: ...
+    Subclasses implement :meth:`__call__`; the other methods are no-ops by default.
+    """
+
+    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+        """Consume the map ``tensor: (B, C, h, w)`` of ``tap`` at diffusion ``step``."""
+        raise NotImplementedError
+
+    def begin_batch(
+        self, keys: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
+        """A batch of images named ``keys`` starts (optional per-image ``metadata``)."""
+
+    def end_batch(self) -> Any:
+        """The batch is complete; return what the sink made of it (or None)."""
+        return None
+
+    def result(self) -> Any:
+        """What the sink computed from the events so far (None for pure consumers)."""
+        return None
 
 
-def resize_map(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of ``(B, C, h, w)`` to ``size`` (as in the paper)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(x.shape[-2:]) == size:
-        return x
-    dtype = x.dtype
-    if dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
-        x = x.float()
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False).to(dtype)
+class _FunctionSink(Sink):
+    def __init__(self, fn: Callable[[int, str, torch.Tensor], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+        self.fn(step, tap, tensor)
 
 
-class KeepAll:
+def as_sink(sink: Sink | Callable[[int, str, torch.Tensor], Any]) -> Sink:
+    """``sink`` itself if it is a :class:`Sink`, else a :class:`Sink` calling the function."""
+    if isinstance(sink, Sink):
+        return sink
+    if not callable(sink):
+        raise TypeError(f"a sink must be callable as sink(step, tap, map), got {sink!r}")
+    return _FunctionSink(sink)
+
+
+class KeepAll(Sink):
     """Keep every map: ``maps[step][tap] -> (B, C, h, w)``.
 
     Args:
@@ -79,7 +109,7 @@ class KeepAll:
 
     def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
         if self.output_size is not None:
-            tensor = resize_map(tensor, self.output_size)
+            tensor = resize_bilinear(tensor, self.output_size)
         if self.device is not None or self.dtype is not None:
             tensor = tensor.to(device=self.device, dtype=self.dtype)
         self.maps.setdefault(step, {})[tap] = tensor
@@ -107,26 +137,30 @@ class KeepAll:
         return torch.cat(parts, dim=1)
 
 
-class Fanout:
+class Fanout(Sink):
     """Send each event to several sinks (and forward batch boundaries to those that care)."""
 
-    def __init__(self, *sinks: Any) -> None:
-        self.sinks = list(sinks)
+    def __init__(self, *sinks: Sink | Callable[[int, str, torch.Tensor], Any]) -> None:
+        self.sinks = [as_sink(s) for s in sinks]
 
     def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
         for sink in self.sinks:
             sink(step, tap, tensor)
 
-    def begin_batch(self, keys: Sequence[str]) -> None:
+    def begin_batch(
+        self, keys: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
         for sink in self.sinks:
-            if hasattr(sink, "begin_batch"):
-                sink.begin_batch(keys)
+            sink.begin_batch(keys, metadata)
 
-    def end_batch(self) -> Any:
-        return [s.end_batch() for s in self.sinks if hasattr(s, "end_batch")]
+    def end_batch(self) -> list[Any]:
+        return [s.end_batch() for s in self.sinks]
+
+    def result(self) -> list[Any]:
+        return [s.result() for s in self.sinks]
 
 
-class StreamingAggregator:
+class StreamingAggregator(Sink):
     """Hyperfeature descriptors computed on the fly from tap events.
 
     Each ``(step, tap, map)`` is folded into ``sum_{s,l} softmax(w)[s, l] * B_l(resize(map))``
@@ -141,7 +175,7 @@ class StreamingAggregator:
     ``(step, tap)`` pair of the network arrived exactly once.
     """
 
-    def __init__(self, network: Any, *, strict: bool = True) -> None:
+    def __init__(self, network: AggregationNetwork, *, strict: bool = True) -> None:
         self.network = network
         self.strict = strict
         self._pairs = {(s, t) for s in network.steps for t in network.taps}
@@ -152,7 +186,11 @@ class StreamingAggregator:
         self._sum = None
         self._seen = set()
 
-    def begin_batch(self, _keys: Sequence[str] | None = None) -> None:
+    def begin_batch(
+        self,
+        keys: Sequence[str] | None = None,
+        metadata: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
         self.reset()
 
     def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
@@ -182,19 +220,7 @@ class StreamingAggregator:
         return self._sum.contiguous()
 
 
-def feature_key(step: int, tap: str) -> str:
-    """Tensor name of one map in a feature file: ``"step_{step}/{tap}"``."""
-    return f"step_{step}/{tap}"
-
-
-def _parse_key(key: str) -> tuple[int, str]:
-    head, _, tap = key.partition("/")
-    if not head.startswith("step_") or not tap:
-        raise ValueError(f"{key!r} is not a feature name of the form 'step_<k>/<tap>'")
-    return int(head[len("step_") :]), tap
-
-
-class DiskWriter:
+class DiskWriter(Sink):
     """Write each image's maps to ``<out_dir>/<key>.safetensors`` (atomic: temp then rename).
 
     One file per image holds ``step_{k}/{tap}`` tensors ``(C, h, w)`` and string metadata
@@ -243,67 +269,80 @@ class DiskWriter:
                 f"batch of {tensor.shape[0]} maps for {len(self._keys)} images in DiskWriter"
             )
         if self.output_size is not None:
-            tensor = resize_map(tensor, self.output_size)
+            tensor = resize_bilinear(tensor, self.output_size)
         if self.dtype is not None:
             tensor = tensor.to(self.dtype)
         self._buffer[feature_key(step, tap)] = tensor.detach().to("cpu")
 
     def end_batch(self) -> list[Path]:
         """Write the batch's files; returns their paths."""
-        from safetensors.torch import save_file
-
         written = []
         for i, key in enumerate(self._keys):
-            tensors = {name: t[i].contiguous() for name, t in self._buffer.items()}
+            tensors = {name: t[i] for name, t in self._buffer.items()}
             meta = {**self.metadata, **self._meta[i]}
-            meta_str = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
-            path = self.path_for(key)
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata=meta_str)
-            written.append(path)
+            written.append(write_feature_file(self.path_for(key), tensors, meta))
         self._keys, self._meta, self._buffer = [], [], {}
         return written
 
 
-def read_feature_file(
-    path: str | os.PathLike[str],
-    *,
-    steps: Iterable[int] | None = None,
-    taps: Iterable[str] | None = None,
-    device: str | torch.device = "cpu",
-) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Read a file written by :class:`DiskWriter` / ``hyperfeatures extract``.
+class Stack(Sink):
+    """Raw-tap descriptors: every map (resized to ``output_size`` when given) concatenated
+    along channels, timestep-major (for each step, each tap in ``taps`` order).
 
-    Returns:
-        ``(maps, metadata)``: ``maps[step][tap] -> (C, h, w)``; metadata values JSON-decoded
-        where they were JSON.
+    Args:
+        taps: the tap order of the concatenation.
+        steps: the step order.
+        output_size: resize each map to this side (bilinear); ``None`` keeps native sizes
+            (then every map must share one size, e.g. a single tap).
+
+    :meth:`result` returns ``(B, S * sum C, H, W)`` float32.
     """
-    from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"feature file {path} does not exist")
-    want_steps = set(steps) if steps is not None else None
-    want_taps = set(taps) if taps is not None else None
-    maps: dict[int, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            raw_meta = f.metadata() or {}
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                step, tap = _parse_key(key)
-                if want_steps is not None and step not in want_steps:
-                    continue
-                if want_taps is not None and tap not in want_taps:
-                    continue
-                maps.setdefault(step, {})[tap] = f.get_tensor(key)
-    except (OSError, ValueError, SafetensorError) as err:  # a corrupt header: SafetensorError
-        if isinstance(err, FileNotFoundError):
-            raise
-        raise ValueError(f"feature file {path} is not a readable safetensors file: {err}") from err
-    meta: dict[str, Any] = {}
-    for k, v in raw_meta.items():
-        try:
-            meta[k] = json.loads(v)
-        except json.JSONDecodeError:
-            meta[k] = v
-    return maps, meta
+    def __init__(
+        self, taps: Sequence[str], steps: Sequence[int], output_size: int | None = None
+    ) -> None:
+        self.taps = list(taps)
+        self.steps = list(steps)
+        self._keep = KeepAll(output_size)
+
+    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+        self._keep(step, tap, tensor)
+
+    def begin_batch(
+        self, keys: Sequence[str] | None = None, metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
+        self._keep.clear()
+
+    def result(self) -> torch.Tensor:
+        return self._keep.stacked(taps=self.taps, steps=self.steps).float()
+
+
+class Top1(Sink):
+    """The descriptor of the single ``(step, tap)`` pair of largest mixing weight (the pruned
+    variant of the paper): its raw map resized to the network's output size (``raw=True``;
+    ``C_l`` channels) or its bottleneck output (``P`` channels).
+
+    :meth:`result` returns ``(B, C, out, out)``.
+    """
+
+    def __init__(self, network: AggregationNetwork, pair: tuple[int, str], *, raw: bool) -> None:
+        self.network, self.pair, self.raw = network, pair, raw
+        self._out: torch.Tensor | None = None
+
+    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+        if (step, tap) != self.pair:
+            return
+        if self.raw:
+            self._out = resize_bilinear(tensor.float(), self.network.output_size)
+        else:
+            self._out = self.network.project(tap, tensor)
+
+    def begin_batch(
+        self, keys: Sequence[str] | None = None, metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
+        self._out = None
+
+    def result(self) -> torch.Tensor:
+        if self._out is None:
+            raise ValueError(f"the map of (step, tap) {self.pair} never arrived")
+        return self._out

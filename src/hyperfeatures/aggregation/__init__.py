@@ -10,10 +10,9 @@
 
 from __future__ import annotations
 
-from .kernels import BottleneckBlock, NormConv2d, resize_bilinear
+from .kernels import BottleneckBlock, NormConv2d
 from .network import PAPER_TAPS, AggregationNetwork, CheckpointError, check_compatible
 from .official import (
-    backbone_from_model_id,
     load_official_checkpoint,
     official_labels_to_steps,
     steps_to_official_labels,
@@ -26,11 +25,9 @@ __all__ = [
     "BottleneckBlock",
     "CheckpointError",
     "NormConv2d",
-    "backbone_from_model_id",
     "check_compatible",
     "load_official_checkpoint",
     "official_labels_to_steps",
-    "resize_bilinear",
     "steps_to_official_labels",
     "write_official_checkpoint",
 ]

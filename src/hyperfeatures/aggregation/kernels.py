@@ -46,20 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BottleneckBlock", "NormConv2d", "resize_bilinear"]
+__all__ = ["BottleneckBlock", "NormConv2d"]
 
 
 # --------------------------------------------------------------------------------------------
 # resizing
 # --------------------------------------------------------------------------------------------
-
-
-def resize_bilinear(x: Tensor, size: int) -> Tensor:
-    """Bilinear resize (``align_corners=False``, no antialias) of ``x: (N, C, h, w)`` to
-    ``(N, C, size, size)``; returns ``x`` itself when it already has that size."""
-    if x.shape[-2] == size and x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,7 +83,8 @@ def _to_channels_last(x: Tensor) -> Tensor:
 
 
 def _resize_cl(x: Tensor, size: int) -> Tensor:
-    """:func:`resize_bilinear` computed in channels_last memory format (returned that way).
+    """:func:`~hyperfeatures.correspond.resize_bilinear` computed in channels_last memory
+    format (returned that way).
 
     PyTorch's channels_last bilinear kernel is vectorised over channels; on CPU it is ~30x
     faster than the NCHW kernel for an 8x8 -> 64x64 upsampling of 384 channels.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import numbers
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,9 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download
 from torch import Tensor, nn
 
-from .kernels import BottleneckBlock, _autocast_dtype, resize_bilinear
+from ..config import Settings
+from ..correspond import resize_bilinear
+from .kernels import BottleneckBlock, _autocast_dtype
 
 __all__ = ["PAPER_TAPS", "AggregationNetwork", "CheckpointError", "check_compatible"]
 
@@ -78,16 +80,16 @@ class AggregationNetwork(
     """Learned mixture of per-layer bottlenecks over (step, layer) feature maps.
 
     Args:
-        taps: layer names, one per bottleneck, e.g. ``"up_blocks.1.resnets.0"``.
-        channels: channels ``C_l`` of each tap (same length as ``taps``).
-        steps: diffusion step names (step 0 = the call on the cleanest input) whose maps are
-            mixed, in mixing-weight order.
+        settings: the :class:`~hyperfeatures.config.Settings` the network mixes the features
+            of: ``settings.taps`` (explicit tap names, one bottleneck each, in order; not a
+            preset), ``settings.steps`` (the steps mixed, step 0 = the call on the cleanest
+            input; mixing-weight order), ``settings.num_steps`` (T of the diffusion run) and
+            ``settings.model`` (the feature source), plus every other extraction setting, so
+            loading the network reproduces its descriptors. A dict is validated into one.
+        channels: channels ``C_l`` of each tap (same length as ``settings.taps``).
         projection_dim: ``P``, channels of the descriptor (384).
         num_norm_groups: GroupNorm groups (32); must divide ``P // 4``.
         output_size: side of the descriptor map (64); inputs are bilinearly resized to it.
-        num_inference_steps: ``T`` of the diffusion run the network was trained with
-            (default ``max(steps) + 1``).
-        backbone: short name of the diffusion model (``"sd15"``, ``"sd21"``, ...), or None.
         mode: ``"inversion"`` or ``"generation"``, the process used in training.
         extra: free-form JSON-serialisable metadata (training settings, provenance).
 
@@ -95,27 +97,31 @@ class AggregationNetwork(
     :class:`BottleneckBlock` per layer) and ``mixing_weights`` (``L * S``, timestep-major:
     ``index = s_index * L + l``) give the state-dict keys of the official checkpoints.
 
-    Save with ``save_pretrained(dir)`` (``model.safetensors`` + ``config.json``), load with
+    Save with ``save_pretrained(dir)`` (``model.safetensors`` + ``config.json`` holding the
+    settings record and the architecture), load with
     ``AggregationNetwork.from_pretrained(dir_or_hub_id)``, share with ``push_to_hub(repo_id)``.
     """
 
     def __init__(
         self,
-        taps: list[str],
-        channels: list[int],
-        steps: list[int],
+        settings: Settings | Mapping[str, Any],
+        channels: Sequence[int],
+        *,
         projection_dim: int = 384,
         num_norm_groups: int = 32,
         output_size: int = 64,
-        num_inference_steps: int | None = None,
-        backbone: str | None = None,
         mode: str = "inversion",
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        taps = [str(t) for t in taps]
-        if not taps:
-            raise ValueError("taps is empty; give at least one layer name")
+        if not isinstance(settings, Settings):
+            settings = Settings.from_dict(settings, source="aggregation network settings")
+        if isinstance(settings.taps, str):
+            raise ValueError(
+                f"the network's settings name the taps by preset {settings.taps!r}; give the "
+                "tap names (e.g. source.resolve_taps(settings.taps)), one per bottleneck"
+            )
+        taps = list(settings.taps)
         dup_taps = sorted({t for t in taps if taps.count(t) > 1})
         if dup_taps:
             raise ValueError(f"taps must be unique; repeated: {_listing(dup_taps)}")
@@ -128,21 +134,6 @@ class AggregationNetwork(
         bad_ch = [(t, c) for t, c in zip(taps, channels, strict=True) if not _is_int(c) or c < 1]
         if bad_ch:
             raise ValueError(f"channels must be positive ints; bad (tap, channels): {bad_ch}")
-        steps = list(steps)
-        if not steps:
-            raise ValueError("steps is empty; give at least one diffusion step")
-        bad_steps = [s for s in steps if not _is_int(s) or s < 0]
-        if bad_steps:
-            raise ValueError(f"steps must be non-negative ints; got {_listing(bad_steps)}")
-        if len(set(steps)) != len(steps):
-            raise ValueError(f"steps must be unique; got {steps}")
-        if num_inference_steps is None:
-            num_inference_steps = max(steps) + 1
-        if not _is_int(num_inference_steps) or max(steps) >= num_inference_steps:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps!r} must be an int larger than every "
-                f"step (largest step: {max(steps)})"
-            )
         if not _is_int(projection_dim) or projection_dim < 4 or projection_dim % 4:
             raise ValueError(f"projection_dim={projection_dim!r} must be a positive multiple of 4")
         if not _is_int(num_norm_groups) or num_norm_groups < 1:
@@ -163,14 +154,11 @@ class AggregationNetwork(
         except (TypeError, ValueError) as err:
             raise ValueError(f"extra must be JSON-serialisable: {err}") from err
 
-        self.taps: tuple[str, ...] = tuple(taps)
+        self.settings = settings
         self.channels: tuple[int, ...] = tuple(int(c) for c in channels)
-        self.steps: tuple[int, ...] = tuple(int(s) for s in steps)
         self.projection_dim = int(projection_dim)
         self.num_norm_groups = int(num_norm_groups)
         self.output_size = int(output_size)
-        self.num_inference_steps = int(num_inference_steps)
-        self.backbone = backbone
         self.mode = mode
         self.extra = extra
         self._tap_index = {t: i for i, t in enumerate(self.taps)}
@@ -193,18 +181,35 @@ class AggregationNetwork(
 
     # ---------------------------------------------------------------- metadata
     @property
+    def taps(self) -> tuple[str, ...]:
+        """The tap of each bottleneck, in order (``settings.taps``)."""
+        return tuple(self.settings.taps)
+
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The steps mixed, in mixing-weight order (``settings.steps``)."""
+        return self.settings.steps
+
+    @property
+    def num_steps(self) -> int:
+        """``T``, the number of DDIM steps of the diffusion run (``settings.num_steps``)."""
+        return self.settings.num_steps
+
+    @property
+    def model(self) -> str:
+        """The feature source the network was trained on (``settings.model``)."""
+        return self.settings.model
+
+    @property
     def config(self) -> dict[str, Any]:
         """Constructor arguments (JSON-serialisable); ``AggregationNetwork(**net.config)``
         rebuilds the architecture."""
         return {
-            "taps": list(self.taps),
+            "settings": self.settings.to_dict(),
             "channels": list(self.channels),
-            "steps": list(self.steps),
             "projection_dim": self.projection_dim,
             "num_norm_groups": self.num_norm_groups,
             "output_size": self.output_size,
-            "num_inference_steps": self.num_inference_steps,
-            "backbone": self.backbone,
             "mode": self.mode,
             "extra": json.loads(json.dumps(self.extra)),
         }
@@ -215,15 +220,15 @@ class AggregationNetwork(
         return len(self.taps)
 
     @property
-    def num_steps(self) -> int:
+    def num_mixed_steps(self) -> int:
         """``S``, the number of diffusion steps mixed."""
         return len(self.steps)
 
     def extra_repr(self) -> str:
         return (
-            f"L={self.num_layers}, S={self.num_steps}, P={self.projection_dim}, "
-            f"output_size={self.output_size}, T={self.num_inference_steps}, "
-            f"backbone={self.backbone!r}, mode={self.mode!r}"
+            f"L={self.num_layers}, S={self.num_mixed_steps}, P={self.projection_dim}, "
+            f"output_size={self.output_size}, T={self.num_steps}, "
+            f"model={self.model!r}, mode={self.mode!r}"
         )
 
     def tap_index(self, tap: str) -> int:
@@ -248,7 +253,7 @@ class AggregationNetwork(
     def mixing_matrix(self) -> Tensor:
         """Softmaxed mixing weights as ``(S, L)``: row = step (in ``steps`` order), column =
         layer (in ``taps`` order); sums to 1. Differentiable."""
-        return torch.softmax(self.mixing_weights, dim=0).view(self.num_steps, self.num_layers)
+        return torch.softmax(self.mixing_weights, dim=0).view(self.num_mixed_steps, self.num_layers)
 
     def mixing_weight(self, step: int, tap: str) -> Tensor:
         """Softmaxed weight (0-d float tensor) of the map of ``tap`` at ``step``."""
@@ -396,7 +401,7 @@ class AggregationNetwork(
             if all(x.shape == xs[0].shape for x in xs):
                 # The S steps share the bottleneck: one batched call.
                 y = self.project(tap, torch.cat(xs, dim=0))
-                y = y.view(self.num_steps, batch, *y.shape[1:])
+                y = y.view(self.num_mixed_steps, batch, *y.shape[1:])
                 term = (probs[:, layer].view(-1, 1, 1, 1, 1).to(y.dtype) * y).sum(dim=0)
             else:
                 term = probs[0, layer] * self.project(tap, xs[0])
@@ -437,18 +442,18 @@ class AggregationNetwork(
         Returns:
             ``(B, P, H, W)``; the reference for :meth:`forward` (same value up to rounding).
         """
-        total = self.num_steps * sum(self.channels)
+        total = self.num_mixed_steps * sum(self.channels)
         if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != total:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(
                 f"forward_stacked expects (B, {total}, H, W) = S x sum(channels) = "
-                f"{self.num_steps} x {sum(self.channels)} channels, got {shape}"
+                f"{self.num_mixed_steps} x {sum(self.channels)} channels, got {shape}"
             )
         x = x.to(dtype=self.mixing_weights.dtype)
         probs = torch.softmax(self.mixing_weights, dim=0)
         out: Tensor | None = None
         start = 0
-        for i in range(self.num_steps * self.num_layers):
+        for i in range(self.num_mixed_steps * self.num_layers):
             layer = i % self.num_layers
             end = start + self.channels[layer]
             term = probs[i] * self.bottleneck_layers[layer](x[:, start:end])
@@ -519,26 +524,89 @@ class AggregationNetwork(
     ) -> AggregationNetwork:
         from safetensors.torch import load_file
 
-        if not model_kwargs:
-            raise FileNotFoundError(f"no config.json found for {model_id!r}")
-        model = cls(**model_kwargs)
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, constants.SAFETENSORS_SINGLE_FILE)
-        else:
-            weights = hf_hub_download(
+        def fetch(filename: str) -> str:
+            if os.path.isdir(model_id):
+                return os.path.join(model_id, filename)
+            return hf_hub_download(
                 repo_id=model_id,
-                filename=constants.SAFETENSORS_SINGLE_FILE,
+                filename=filename,
                 revision=revision,
                 cache_dir=cache_dir,
                 force_download=force_download,
                 token=token,
                 local_files_only=local_files_only,
             )
+
+        config_path = fetch(constants.CONFIG_NAME)
+        model = cls(**network_kwargs(_read_json(config_path), source=config_path))
+        weights = fetch(constants.SAFETENSORS_SINGLE_FILE)
         state = load_file(weights, device=str(map_location))
         _check_state_dict(model, state, source=weights, strict=strict)
         model.load_state_dict(state, strict=strict)
         model.to(torch.device(map_location))
         return model.eval()
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable JSON config ({first})") from None
+
+
+_ARCHITECTURE_FIELDS = ("projection_dim", "num_norm_groups", "output_size", "mode", "extra")
+
+
+def network_kwargs(config: Any, *, source: str) -> dict[str, Any]:
+    """Constructor arguments of :class:`AggregationNetwork` from a saved ``config.json``.
+
+    Reads the current layout (``settings`` record + architecture) and the layout of earlier
+    releases (``taps``, ``steps``, ``num_inference_steps``, ``backbone`` at the top level).
+
+    Raises:
+        CheckpointError: the config is not a mapping, lacks a field or has a wrong value;
+            the message names ``source``.
+    """
+    if not isinstance(config, Mapping):
+        raise CheckpointError(
+            f"{source}: the config must be a JSON object, got {type(config).__name__}"
+        )
+    config = dict(config)
+    if "settings" in config:
+        settings = config["settings"]
+    elif "taps" in config and "steps" in config:  # earlier releases
+        settings = {"taps": config["taps"], "steps": config["steps"]}
+        t = config.get("num_inference_steps")
+        steps = config["steps"]
+        if t is None and isinstance(steps, list) and steps and all(_is_int(x) for x in steps):
+            t = max(steps) + 1
+        settings["num_steps"] = t
+        if config.get("backbone"):
+            settings["model"] = config["backbone"]
+    else:
+        raise CheckpointError(
+            f"{source}: no 'settings' field; a saved aggregation network config holds the "
+            "settings record and the architecture (write one with net.save_pretrained(dir))"
+        )
+    if "channels" not in config:
+        raise CheckpointError(f"{source}: the config has no 'channels' field")
+    kwargs = {k: config[k] for k in _ARCHITECTURE_FIELDS if k in config}
+    try:
+        return {
+            "settings": Settings.from_dict(settings, source=f"{source}: field 'settings'"),
+            "channels": _int_list(config["channels"], f"{source}: field 'channels'"),
+            **kwargs,
+        }
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _int_list(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise CheckpointError(f"{where} must be a list of integers, got {value!r}"[:300])
+    return [int(v) for v in value]
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +636,7 @@ def _check_state_dict(
             parts.append(f"wrong shapes ({len(shapes)}): {_listing(shapes)}")
         raise CheckpointError(
             f"{source}: the weights do not fit the aggregation network "
-            f"(L={network.num_layers} taps, S={network.num_steps} steps, "
+            f"(L={network.num_layers} taps, S={network.num_mixed_steps} steps, "
             f"P={network.projection_dim}): " + "; ".join(parts)
         )
 
@@ -596,7 +664,7 @@ def check_compatible(
     network: AggregationNetwork,
     tap_infos: Mapping[str, int] | Iterable[Any],
     *,
-    num_inference_steps: int | None = None,
+    num_steps: int | None = None,
 ) -> None:
     """Check that a backbone provides every tap the network needs, with the right channels.
 
@@ -604,7 +672,7 @@ def check_compatible(
         network: the aggregation network.
         tap_infos: the backbone's taps as ``{name: channels}``, ``[(name, channels), ...]`` or
             records with ``name`` (or ``path``) and ``channels`` attributes. Extra taps are fine.
-        num_inference_steps: if given, the ``T`` of the planned diffusion run, which must equal
+        num_steps: if given, the ``T`` of the planned diffusion run, which must equal
             the network's (its steps are positions on that T-step grid).
 
     Raises:
@@ -622,14 +690,14 @@ def check_compatible(
         problems.append(f"taps missing from the backbone: {_listing(missing)}")
     if wrong:
         problems.append(f"channel mismatches: {_listing(wrong)}")
-    if num_inference_steps is not None and num_inference_steps != network.num_inference_steps:
+    if num_steps is not None and num_steps != network.num_steps:
         problems.append(
-            f"the network was trained with num_inference_steps={network.num_inference_steps}, "
-            f"the run uses {num_inference_steps}"
+            f"the network was trained with num_steps={network.num_steps}, "
+            f"the run uses {num_steps}"
         )
     if problems:
         raise ValueError(
-            f"aggregation network (backbone={network.backbone!r}) does not fit this backbone: "
+            f"aggregation network (model={network.model!r}) does not fit this source: "
             + "; ".join(problems)
             + ". Use the backbone the network was trained on, or train a new network"
         )

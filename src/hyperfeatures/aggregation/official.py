@@ -33,6 +33,8 @@ import torch
 from torch import Tensor
 
 from .._io import atomic_write
+from ..config import Settings
+from ..sources.registry import source_for_model_id, source_spec
 from .network import (
     _MODES,
     PAPER_TAPS,
@@ -44,7 +46,6 @@ from .network import (
 )
 
 __all__ = [
-    "backbone_from_model_id",
     "load_official_checkpoint",
     "official_labels_to_steps",
     "steps_to_official_labels",
@@ -53,16 +54,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_MODEL_ID_TO_BACKBONE: dict[str, str] = {
-    "runwayml/stable-diffusion-v1-5": "sd15",
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
-    "stabilityai/stable-diffusion-2-1": "sd21",
-    "stabilityai/stable-diffusion-2-1-base": "sd21",
-}
-_BACKBONE_TO_MODEL_ID: dict[str, str] = {
-    "sd15": "runwayml/stable-diffusion-v1-5",
-    "sd21": "stabilityai/stable-diffusion-2-1-base",
-}
 _RESNET_TAP = re.compile(r"^up_blocks\.(\d+)\.resnets\.(\d+)$")
 _LAYER_KEY = re.compile(r"^bottleneck_layers\.(\d+)\.")
 
@@ -92,15 +83,6 @@ def official_labels_to_steps(labels: Sequence[int], num_timesteps: int) -> list[
 def steps_to_official_labels(steps: Sequence[int], num_timesteps: int) -> list[int]:
     """Inverse of :func:`official_labels_to_steps` (the translation is its own inverse)."""
     return official_labels_to_steps(steps, num_timesteps)
-
-
-def backbone_from_model_id(model_id: str | None) -> str | None:
-    """Short backbone name for a diffusers model id (``"sd15"``, ``"sd21"``); unknown ids are
-    returned unchanged, ``None`` stays ``None``."""
-    if model_id is None:
-        return None
-    key = str(model_id).strip().rstrip("/").lower()
-    return _MODEL_ID_TO_BACKBONE.get(key, str(model_id))
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -174,7 +156,7 @@ def load_official_checkpoint(
 
     Translation: timestep label ``k`` becomes step ``num_timesteps - 1 - k`` (order and mixing
     weights unchanged); taps are the 12 paper layers ``up_blocks.{i}.resnets.{j}`` (or those of
-    ``idxs``); channels come from ``conv1.weight.shape[1]``; the backbone name from
+    ``idxs``); channels come from ``conv1.weight.shape[1]``; the source name from
     ``model_id`` (``"sd15"``, ``"sd21"``, unknown ids kept); the whole config is kept in
     ``network.extra["official_config"]``.
 
@@ -297,22 +279,33 @@ def load_official_checkpoint(
         raise CheckpointError(f"{path}: config field 'diffusion_mode' = {mode!r} not in {_MODES}")
     model_id = config.get("model_id")
     official = _json_safe(dict(config))
+    if len(set(steps)) != len(steps):
+        raise CheckpointError(f"{path}: config field 'save_timestep' repeats a label: {labels}")
     try:
-        network = AggregationNetwork(
+        settings = Settings(
+            model=source_for_model_id(model_id) or Settings().model,
             taps=taps,
-            channels=channels,
+            num_steps=int(num_timesteps),
             steps=steps,
+        )
+        network = AggregationNetwork(
+            settings,
+            channels,
             projection_dim=projection_dim,
             num_norm_groups=int(config.get("num_norm_groups", 32)),
             output_size=int(config.get("output_resolution", 64)),
-            num_inference_steps=int(num_timesteps),
-            backbone=backbone_from_model_id(model_id),
             mode=mode,
             extra={"official_config": official},
         )
     except ValueError as err:
         raise CheckpointError(f"{path}: config does not describe a valid network: {err}") from err
     _check_state_dict(network, state, source=str(path))
+    state = dict(state)
+    if mixing is not None and list(network.steps) != steps:
+        # Our steps are sorted; the file's mixing weights follow its label order: reorder
+        # the (S, L) rows so each weight stays with its (step, layer) pair.
+        order = [steps.index(s) for s in network.steps]
+        state["mixing_weights"] = mixing.view(len(steps), num_layers)[order].reshape(-1)
     network.load_state_dict(state, strict=True)
     return network.to(torch.device(map_location)).eval()
 
@@ -358,11 +351,12 @@ def write_official_checkpoint(
         idxs.append((int(m.group(1)), int(m.group(2))))
     official = network.extra.get("official_config")
     model_id = (official or {}).get("model_id") if isinstance(official, Mapping) else None
-    if model_id is None and network.backbone is not None:
-        model_id = _BACKBONE_TO_MODEL_ID.get(network.backbone, network.backbone)
+    if model_id is None:
+        spec = source_spec(network.model)
+        model_id = spec.official_ids[0] if spec is not None and spec.official_ids else network.model
     derived: dict[str, Any] = {
-        "save_timestep": steps_to_official_labels(network.steps, network.num_inference_steps),
-        "num_timesteps": network.num_inference_steps,
+        "save_timestep": steps_to_official_labels(network.steps, network.num_steps),
+        "num_timesteps": network.num_steps,
         "projection_dim": network.projection_dim,
         "dims": list(network.channels),
         "output_resolution": network.output_size,

@@ -25,14 +25,17 @@ original code's ``flip_timesteps`` is built into the naming.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
-from .backbones import Conditioning
+from ..taps import capture
+
+if TYPE_CHECKING:
+    from .backbones import Backbone, Conditioning
 
 __all__ = [
     "NoiseSchedule",
@@ -42,7 +45,8 @@ __all__ = [
     "generation_timesteps",
     "inversion_timesteps",
     "invert",
-    "parse_steps",
+    "run_with_taps",
+    "schedule_for",
     "to_epsilon",
 ]
 
@@ -132,53 +136,6 @@ def to_epsilon(
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-# --------------------------------------------------------------------------- step selection
-def parse_steps(spec: str | int | Iterable[int] | None, num_steps: int) -> list[int]:
-    """Steps to capture, sorted, validated against ``num_steps`` (T).
-
-    Accepted forms:
-        ``"all"`` or ``None``: every step ``0..T-1``.
-        ``"every:N"``: ``T-1, T-1-N, ...`` down to ``>= 0``, plus step 0. For T = 50, N = 5
-            this is the paper's 11 steps ``[0, 4, 9, ..., 44, 49]`` (official labels
-            ``[49, 45, ..., 5, 0]``).
-        ``"first:K"``: steps ``0..K-1`` (the pruned variants of the paper).
-        ``"0,4,9"`` or a list of ints; an int ``k`` means ``[k]``.
-    """
-    if spec is None or spec == "all":
-        steps = list(range(num_steps))
-    elif isinstance(spec, int):
-        steps = [spec]
-    elif isinstance(spec, str):
-        text = spec.strip()
-        try:
-            if text.startswith("every:"):
-                n = int(text.split(":", 1)[1])
-                if n < 1:
-                    raise ValueError
-                steps = sorted({0, *range(num_steps - 1, -1, -n)})
-            elif text.startswith("first:"):
-                k = int(text.split(":", 1)[1])
-                if not 1 <= k <= num_steps:
-                    raise ValueError
-                steps = list(range(k))
-            else:
-                steps = [int(s) for s in text.replace(" ", "").split(",") if s]
-        except ValueError:
-            raise ValueError(
-                f"cannot read steps {spec!r}: use 'all', 'every:N', 'first:K' (1 <= K <= "
-                f"{num_steps}) or a comma list like '0,4,9'"
-            ) from None
-    else:
-        steps = [int(s) for s in spec]
-    bad = [s for s in steps if not 0 <= s < num_steps]
-    if bad or not steps:
-        raise ValueError(
-            f"steps {bad or steps} are outside 0..{num_steps - 1} for {num_steps} inference "
-            "steps (step 0 = cleanest call, step T-1 = noisiest)"
-        )
-    return sorted(set(steps))
-
-
 # --------------------------------------------------------------------------- loops
 def _call_unet(unet: nn.Module, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
     dtype = next(unet.parameters()).dtype
@@ -198,6 +155,7 @@ def invert(
     last_step: int | None = None,
     before_call: StepHook | None = None,
     after_call: Callable[[int], None] | None = None,
+    set_batch_slice: Callable[[slice | None], None] | None = None,
 ) -> torch.Tensor:
     """DDIM inversion of clean latents.
 
@@ -210,6 +168,7 @@ def invert(
             consumer needs); default T-1 (the full chain).
         before_call: ``before_call(step, timestep)`` before each UNet call (taps use it).
         after_call: ``after_call(step)`` after each UNet call.
+        set_batch_slice: told that features are read from the whole batch (``None``).
 
     Returns:
         The latent after the last call made, ``(B, 4, h, w)`` float32 (for the full chain:
@@ -218,6 +177,8 @@ def invert(
     times = inversion_timesteps(num_steps, schedule.num_train_timesteps)
     nexts = ddim_grid(num_steps, schedule.num_train_timesteps)
     last = num_steps - 1 if last_step is None else last_step
+    if set_batch_slice is not None:
+        set_batch_slice(None)
     x = latents.float()
     for step in range(last + 1):
         t, t_next = times[step], nexts[step]
@@ -286,7 +247,7 @@ def generate(
     return x
 
 
-def schedule_for(backbone: Any) -> NoiseSchedule:
+def schedule_for(backbone: Backbone) -> NoiseSchedule:
     """The noise schedule of a :class:`~hyperfeatures.backbones.Backbone`."""
     cfg = dict(backbone.scheduler_config)
     cfg["prediction_type"] = backbone.prediction_type
@@ -307,3 +268,51 @@ def capture_steps_hooks(
         capture.end_call()
 
     return before, after
+
+
+Process = TypeVar("Process")
+
+
+def run_with_taps(
+    unet: nn.Module,
+    taps: Sequence[str] | Mapping[str, str],
+    sink: Callable[[int, str, torch.Tensor], Any],
+    process: Callable[..., Process],
+    *,
+    steps: Sequence[int],
+    **process_kwargs: Any,
+) -> Process:
+    """Run a diffusion process with taps attached: the one place that wires taps to steps.
+
+    Attaches forward hooks for ``taps`` on ``unet`` (removed on exit, also after an error),
+    makes them fire only at the UNet calls of ``steps`` (step 0 = the call on the cleanest
+    input), tells them which part of a guided batch is the conditional branch, and checks
+    after each active call that every tap fired.
+
+    Example::
+
+        latent = run_with_taps(unet, ["up_blocks.1.resnets.0"], sink, invert,
+                               steps=[0, 4], latents=z, cond=c, schedule=s, num_steps=50,
+                               last_step=4)
+
+    Args:
+        unet: the denoiser.
+        taps: tap names (or ``{name: alias}``; events carry the alias).
+        sink: receives ``sink(step, alias, map)``, ``map: (B, C, h, w)``.
+        process: :func:`invert` or :func:`generate` (any callable taking ``unet`` first and
+            the keywords ``before_call``, ``after_call``, ``set_batch_slice``).
+        steps: the steps whose maps are emitted.
+        process_kwargs: the process's other arguments.
+
+    Returns:
+        What ``process`` returns.
+    """
+    with capture(unet, taps, sink) as cap:
+        before, after = capture_steps_hooks(cap, steps)
+
+        def set_slice(part: slice | None) -> None:
+            cap.batch_slice = part
+
+        return process(
+            unet, before_call=before, after_call=after, set_batch_slice=set_slice, **process_kwargs
+        )

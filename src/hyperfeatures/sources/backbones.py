@@ -1,0 +1,658 @@
+"""Diffusion backbones: the diffusion feature source (VAE + UNet + text encoders + DDIM).
+
+``load_backbone(name)`` returns a :class:`Backbone`, the :class:`~hyperfeatures.sources.base.
+FeatureSource` of a latent diffusion model: its UNet, VAE, tokenizers and text encoders plus the
+facts the rest of the library needs (family, prediction type, latent scale, default VAE input
+size). Names come from the one registry (:mod:`hyperfeatures.sources.registry`): ``sd15``,
+``sd21``, ``sdxl``, ``tiny-sd``, ``tiny-sdxl``, any hub id or local diffusers folder.
+
+A run (:meth:`Backbone.run`) follows the paper: resize the RGB image to ``load_size``
+(bilinear), scale to ``[-1, 1]``, upsample (bilinear) to the VAE input ``image_size``; latent =
+``scaling_factor`` x VAE posterior mean (or a seeded posterior sample, as the original code);
+then DDIM inversion with the taps attached (:func:`~hyperfeatures.sources.diffusion.
+run_with_taps`), stopped after the last selected step. :meth:`Backbone.run_prompts` generates
+images instead, reading features from the conditional branch.
+
+``load_backbone("sd15", random_weights=True)`` builds the real architecture from bundled
+configs with seeded random weights and no download (benchmarks, ``hyperfeatures layers``).
+Weights are found as :mod:`hyperfeatures.sources.hub` says; when they are absent, one
+:class:`~hyperfeatures.sources.hub.WeightsNotFoundError` says where it looked and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ..config import Settings, SettingsError
+from ..taps import PRESETS, TapInfo, list_taps, resolve_taps
+from .architectures import ARCHITECTURES, build_random_modules
+from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
+from .hub import is_hub_id, offline, weights_not_found
+from .registry import SourceSpec, source_spec, unknown_source_message
+
+Family = Literal["sd", "sdxl"]
+
+__all__ = ["Backbone", "Conditioning", "load_backbone", "preprocess_images"]
+
+
+# --------------------------------------------------------------------------- conditioning
+@dataclass
+class Conditioning:
+    """Text conditioning for a UNet call.
+
+    Attributes:
+        encoder_hidden_states: ``(B, 77, D)`` token embeddings.
+        added_cond_kwargs: SDXL only: ``{"text_embeds": (B, P), "time_ids": (B, 6)}``.
+    """
+
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.encoder_hidden_states.shape[0]
+
+    def unet_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": self.encoder_hidden_states}
+        if self.added_cond_kwargs is not None:
+            kwargs["added_cond_kwargs"] = self.added_cond_kwargs
+        return kwargs
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        """Concatenate along the batch (``[self; other]``), e.g. unconditional then conditional."""
+        added = None
+        if self.added_cond_kwargs is not None and other.added_cond_kwargs is not None:
+            added = {
+                k: torch.cat([v, other.added_cond_kwargs[k]])
+                for k, v in self.added_cond_kwargs.items()
+            }
+        return Conditioning(
+            torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), added
+        )
+
+    def repeat(self, n: int) -> Conditioning:
+        """Repeat a batch-1 conditioning ``n`` times along the batch."""
+        added = None
+        if self.added_cond_kwargs is not None:
+            added = {k: v.expand(n, *v.shape[1:]) for k, v in self.added_cond_kwargs.items()}
+        hidden = self.encoder_hidden_states.expand(n, *self.encoder_hidden_states.shape[1:])
+        return Conditioning(hidden, added)
+
+
+
+# --------------------------------------------------------------------------- the source
+class Backbone(FeatureSource):
+    """A latent diffusion model ready for feature extraction (the ``diffusion`` source).
+
+    Attributes:
+        name: registry name, hub id or folder it was loaded from.
+        unet: ``UNet2DConditionModel`` (eval mode, frozen).
+        vae: ``AutoencoderKL``; kept in ``vae_dtype`` (fp32 for SDXL, whose VAE overflows in
+            fp16).
+        tokenizers / text_encoders: one (SD) or two (SDXL) CLIP tokenizers and encoders.
+        family: ``"sd"`` or ``"sdxl"``.
+        prediction_type: ``"epsilon"`` or ``"v_prediction"``.
+        scaling_factor: latent scale (``vae.config.scaling_factor``).
+        default_image_size: VAE input size in pixels when the settings give none.
+        scheduler_config: beta schedule of the model (``beta_start``, ``beta_end``,
+            ``beta_schedule``, ``num_train_timesteps``).
+    """
+
+    kind = "diffusion"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        unet: nn.Module,
+        vae: nn.Module,
+        tokenizers: list[Any],
+        text_encoders: list[nn.Module],
+        family: Family,
+        prediction_type: str,
+        scaling_factor: float,
+        image_size: int,
+        dtype: torch.dtype,
+        vae_dtype: torch.dtype,
+        scheduler_config: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.name = name
+        self.unet = unet
+        self.vae = vae
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
+        self.family = family
+        self.prediction_type = prediction_type
+        self.scaling_factor = scaling_factor
+        self._image_size = int(image_size)
+        self._dtype = dtype
+        self.vae_dtype = vae_dtype
+        self.scheduler_config = dict(scheduler_config or {})
+        self._device = torch.device(device)
+
+    def __repr__(self) -> str:
+        return (
+            f"Backbone(name={self.name!r}, family={self.family!r}, device={self.device}, "
+            f"dtype={self.dtype}, image_size={self.default_image_size})"
+        )
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def default_image_size(self) -> int:
+        return self._image_size
+
+    @property
+    def one_step(self) -> bool:
+        return False
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent pixel (8 for every Stable Diffusion VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def presets(self) -> dict[str, str]:
+        return {name: description for name, (_fn, description) in PRESETS.items()}
+
+    def check_image_size(self, size: int) -> None:
+        if size % self.latent_factor:
+            raise SettingsError(
+                f"image_size {size} is not a multiple of the VAE factor {self.latent_factor} "
+                f"of {self.name!r}; use {size // self.latent_factor * self.latent_factor or 8} "
+                f"or {(size // self.latent_factor + 1) * self.latent_factor}"
+            )
+
+    def latent_size(self, settings: Settings) -> int:
+        """Latent side of a run with ``settings`` (image size / 8)."""
+        return self.image_size(settings) // self.latent_factor
+
+    # ------------------------------------------------------------------ taps
+    def list_taps(self, image_size: int | None = None) -> list[TapInfo]:
+        size = image_size or self.default_image_size
+        self.check_image_size(size)
+        return list_taps(self.unet, size // self.latent_factor)
+
+    def resolve_taps(self, taps: str | Sequence[str]) -> list[str]:
+        return list(resolve_taps(self.unet, taps))
+
+    @torch.no_grad()
+    def encode_prompts(
+        self, prompts: Sequence[str], *, image_size: int | None = None
+    ) -> Conditioning:
+        """Text conditioning for ``prompts`` (``""`` = unconditional), batch ``len(prompts)``.
+
+        ``image_size`` (SDXL only) is the VAE input size written into the size/crop time ids
+        (default the backbone's)."""
+        prompts = list(prompts)
+        hidden: list[torch.Tensor] = []
+        pooled = None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            out = encoder(ids, output_hidden_states=self.family == "sdxl")
+            if self.family == "sdxl":
+                hidden.append(out.hidden_states[-2])
+                if hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds
+            else:
+                hidden.append(out.last_hidden_state)
+        states = torch.cat(hidden, dim=-1).to(self.dtype)
+        added = None
+        if self.family == "sdxl":
+            if pooled is None:
+                raise ValueError(
+                    f"backbone {self.name!r}: the second SDXL text encoder gave no pooled "
+                    "embedding; it must be a CLIPTextModelWithProjection"
+                )
+            size = float(image_size or self.default_image_size)
+            time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device)
+            added = {
+                "text_embeds": pooled.to(self.dtype),
+                "time_ids": time_ids.expand(len(prompts), 6).to(self.dtype),
+            }
+        return Conditioning(states, added)
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """VAE-encode images to scaled latents.
+
+        Args:
+            images: ``(B, 3, H, W)`` in ``[-1, 1]``, H and W multiples of ``latent_factor``.
+            generator: ``None`` for the posterior mean (deterministic, the default of this
+                library); a seeded generator draws a posterior sample (parity with the
+                original code, which samples).
+
+        Returns:
+            ``(B, 4, H / 8, W / 8)`` latents times ``scaling_factor``, in ``self.dtype``.
+        """
+        dist = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist
+        if generator is None:
+            z = dist.mean
+        else:
+            noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device)
+            z = dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
+        return (z * self.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, 8h, 8w)`` in ``[0, 1]`` (float32)."""
+        x = self.vae.decode(latents.to(self.vae_dtype) / self.scaling_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------ runs
+    def preprocess(self, images: ImageInput, settings: Settings) -> torch.Tensor:
+        """Images -> VAE input ``(B, 3, S, S)`` in ``[-1, 1]`` (float32), ``S = image_size``,
+        through the intermediate ``settings.load_size`` (see :func:`preprocess_images`)."""
+        return preprocess_images(
+            images, image_size=self.image_size(settings), load_size=settings.load_size
+        )
+
+    def encode(
+        self, images: ImageInput, settings: Settings, *, first_index: int = 0
+    ) -> torch.Tensor:
+        """Images -> scaled latents ``(B, 4, S / 8, S / 8)`` (posterior mean or seeded sample)."""
+        x = self.preprocess(images, settings)
+        if settings.posterior == "mean":
+            return self.encode_images(x)
+        latents = []
+        for i in range(x.shape[0]):
+            gen = torch.Generator(device=self.device).manual_seed(settings.seed + first_index + i)
+            latents.append(self.encode_images(x[i : i + 1], generator=gen))
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def run(
+        self,
+        images: ImageInput,
+        sink: EventSink,
+        settings: Settings,
+        *,
+        first_index: int = 0,
+    ) -> torch.Tensor:
+        """DDIM-invert ``images`` and send every selected ``(step, tap, map)`` to ``sink``.
+
+        Maps are ``(B, C, h, w)`` at the tap's native resolution, in :attr:`dtype`. The chain
+        stops after the last selected step.
+
+        Returns:
+            The last latent reached, ``(B, 4, S / 8, S / 8)`` float32.
+        """
+        from .diffusion import invert, run_with_taps, schedule_for
+
+        self.check_settings(settings)
+        taps = self.resolve_taps(settings.taps)
+        latents = self.encode(images, settings, first_index=first_index)
+        cond = self.encode_prompts(
+            [settings.prompt], image_size=self.image_size(settings)
+        ).repeat(latents.shape[0])
+        return run_with_taps(
+            self.unet,
+            taps,
+            sink,
+            invert,
+            steps=settings.steps,
+            latents=latents,
+            cond=cond,
+            schedule=schedule_for(self),
+            num_steps=settings.num_steps,
+            last_step=max(settings.steps),
+        )
+
+    @torch.no_grad()
+    def run_prompts(
+        self,
+        prompts: Sequence[str],
+        sink: EventSink,
+        settings: Settings,
+        *,
+        first_index: int = 0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Generate images for ``prompts`` (DDIM, classifier-free guidance with
+        ``settings.guidance_scale`` against ``settings.negative_prompt``); features come from
+        the conditional branch, steps named on the noise axis as for inversion.
+
+        Returns:
+            images ``(B, 3, S, S)`` in ``[0, 1]`` (float32).
+        """
+        from .diffusion import generate, run_with_taps, schedule_for
+
+        self.check_settings(settings)
+        prompts = list(prompts)
+        size = self.image_size(settings)
+        if noise is None:
+            noise = self.initial_noise(len(prompts), settings, first_index=first_index)
+        cond = self.encode_prompts(prompts, image_size=size)
+        uncond = self.encode_prompts([settings.negative_prompt] * len(prompts), image_size=size)
+        latents = run_with_taps(
+            self.unet,
+            self.resolve_taps(settings.taps),
+            sink,
+            generate,
+            steps=settings.steps,
+            noise=noise,
+            cond=cond,
+            schedule=schedule_for(self),
+            num_steps=settings.num_steps,
+            uncond=uncond,
+            guidance_scale=settings.guidance_scale,
+        )
+        return self.decode_latents(latents)
+
+    def initial_noise(
+        self, batch: int, settings: Settings, *, first_index: int = 0
+    ) -> torch.Tensor:
+        """Seeded Gaussian latents ``(batch, 4, h, w)``, item i seeded with ``seed + index``."""
+        h = self.latent_size(settings)
+        channels = self.unet.config.in_channels
+        out = []
+        for i in range(batch):
+            gen = torch.Generator().manual_seed(settings.seed + first_index + i)
+            out.append(torch.randn(1, channels, h, h, generator=gen))
+        return torch.cat(out).to(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "family": self.family}
+
+    def to(self, device: str | torch.device) -> Backbone:
+        """Move every module to ``device`` (in place) and return self."""
+        self._device = resolve_device(device)
+        self.unet.to(self._device)
+        self.vae.to(self._device)
+        for enc in self.text_encoders:
+            enc.to(self._device)
+        return self
+
+
+def preprocess_images(
+    images: ImageInput,
+    *,
+    image_size: int,
+    load_size: int | None = None,
+) -> torch.Tensor:
+    """Images -> VAE input ``(B, 3, image_size, image_size)`` in ``[-1, 1]`` (float32).
+
+    Args:
+        images: a PIL image, a list of PIL images (any sizes; converted to RGB), or a float
+            tensor ``(B, 3, H, W)`` / ``(3, H, W)`` with values in ``[0, 1]``.
+        image_size: VAE input size.
+        load_size: intermediate size (bilinear, antialiased when shrinking); ``None`` = skip.
+    """
+    first = load_size or image_size
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, torch.Tensor):
+        x = images.float()
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"image tensor must be (B, 3, H, W) in [0, 1], got {tuple(x.shape)}")
+        if x.min() < -1e-3 or x.max() > 1 + 1e-3:
+            raise ValueError("image tensor values must be in [0, 1]")
+        if tuple(x.shape[-2:]) != (first, first):
+            x = F.interpolate(
+                x, size=(first, first), mode="bilinear", align_corners=False, antialias=True
+            )
+    else:
+        arrays = []
+        for i, img in enumerate(images):
+            if not isinstance(img, Image.Image):
+                raise TypeError(
+                    f"image {i} is a {type(img).__name__}; pass PIL images or a (B, 3, H, W) "
+                    "tensor in [0, 1]"
+                )
+            img = img.convert("RGB").resize((first, first), Image.BILINEAR)
+            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
+        if not arrays:
+            raise ValueError("no images given")
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    x = x * 2.0 - 1.0
+    if first != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return x
+
+
+# --------------------------------------------------------------------------- factory
+def load_backbone(
+    name: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    model_path: str | os.PathLike[str] | None = None,
+) -> Backbone:
+    """Load a diffusion backbone by registry name, hub id or local diffusers folder.
+
+    Args:
+        name: ``"sd15" | "sd21" | "sdxl" | "tiny-sd" | "tiny-sdxl"``, a hub id, or a folder.
+        device: where the modules live (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        dtype: UNet and text-encoder dtype (``fp32`` default, ``fp16``, ``bf16``). The SDXL VAE
+            always runs in fp32.
+        random_weights: build the registry architecture with seeded random weights instead of
+            loading weights (``sd15``, ``sd21``, ``sdxl``; implied for ``tiny-*``).
+        seed: seed of random weights.
+        model_path: a local diffusers folder holding the weights of ``name`` (overrides the hub
+            lookup; the registry entry still gives family and image size).
+
+    Raises:
+        WeightsNotFoundError: weights absent; the message says where it looked and the fix.
+        ValueError: unknown name that is neither a hub id nor a folder.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    key = os.fspath(name)
+    spec = source_spec(key) if model_path is None else (source_spec(key) or None)
+    if spec is not None and spec.kind != "diffusion":
+        raise ValueError(f"{key!r} is a {spec.kind} model, not a diffusion backbone")
+    if spec is not None and model_path is None:
+        key = spec.name
+    if key.startswith("tiny-") or random_weights:
+        if key not in ARCHITECTURES:
+            known = ", ".join(sorted(ARCHITECTURES))
+            raise ValueError(
+                f"no bundled architecture for {key!r} (random weights exist for: {known})"
+            )
+        return _build_random(key, seed=seed, dtype=torch_dtype).to(torch_device)
+    local: Path | None = None
+    if model_path is not None:
+        local = Path(model_path).expanduser()
+        if not local.is_dir():
+            raise weights_not_found(
+                key,
+                hub_id=None,
+                local=local,
+                cause=NotADirectoryError(f"--model-path {local} is not a folder"),
+                what="diffusion model weights",
+                needs=_DIFFUSERS_FOLDER,
+            )
+        source = str(local)
+    elif spec is not None:
+        assert spec.hub_id is not None
+        source = spec.hub_id
+    elif Path(key).expanduser().exists():
+        local = Path(key).expanduser()
+        source = str(local)
+    elif is_hub_id(key):
+        source = key
+    else:
+        raise ValueError(unknown_source_message(key))
+    return _load_pretrained(key, source, spec, local=local, dtype=torch_dtype).to(torch_device)
+
+
+_DIFFUSERS_FOLDER = "a diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+
+
+def _load_pretrained(
+    name: str,
+    source: str,
+    spec: SourceSpec | None,
+    *,
+    local: Path | None,
+    dtype: torch.dtype,
+) -> Backbone:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    kwargs: dict[str, Any] = {"local_files_only": offline()}
+    try:
+        # weights load straight into the target dtype (half the memory of a later cast)
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", torch_dtype=dtype, **kwargs
+        )
+        family: Family = "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
+        vae_dtype = torch.float32 if family == "sdxl" else dtype
+        vae = AutoencoderKL.from_pretrained(
+            source, subfolder="vae", torch_dtype=vae_dtype, **kwargs
+        )
+        tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)]
+        encoders: list[nn.Module] = [
+            CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+        ]
+        if family == "sdxl":
+            tokenizers.append(
+                CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
+            )
+            encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(
+                    source, subfolder="text_encoder_2", **kwargs
+                )
+            )
+        scheduler_config = _read_scheduler_config(source, kwargs)
+    except (OSError, ValueError) as err:  # hub/cache/file errors are OSError subclasses
+        raise weights_not_found(
+            name,
+            hub_id=None if local is not None else source,
+            local=local,
+            cause=err,
+            what="diffusion model weights",
+            needs=_DIFFUSERS_FOLDER,
+        ) from None
+    image_size = spec.image_size if spec is not None else int(vae.config.get("sample_size", 512))
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    return _assemble(
+        name,
+        unet,
+        vae,
+        tokenizers,
+        encoders,
+        family=family,
+        prediction_type=prediction,
+        image_size=image_size,
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        scheduler_config=scheduler_config,
+    )
+
+
+def _read_scheduler_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    local = Path(source) / "scheduler" / "scheduler_config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(source).exists():
+        return {}
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(source, "scheduler_config.json", subfolder="scheduler", **kwargs)
+    except Exception:  # a model without a scheduler folder uses the SD defaults
+        return {}
+    return json.loads(Path(path).read_text())
+
+
+def _assemble(
+    name: str,
+    unet: nn.Module,
+    vae: nn.Module,
+    tokenizers: list[Any],
+    encoders: list[nn.Module],
+    *,
+    family: Family,
+    prediction_type: str,
+    image_size: int,
+    dtype: torch.dtype,
+    vae_dtype: torch.dtype,
+    scheduler_config: dict[str, Any],
+) -> Backbone:
+    for module, want in [(unet, dtype), (vae, vae_dtype)] + [(enc, dtype) for enc in encoders]:
+        _cast(module, want)
+    if prediction_type not in {"epsilon", "v_prediction"}:
+        raise ValueError(
+            f"backbone {name!r} predicts {prediction_type!r}; only 'epsilon' and "
+            "'v_prediction' models are supported"
+        )
+    return Backbone(
+        name=name,
+        unet=unet,
+        vae=vae,
+        tokenizers=tokenizers,
+        text_encoders=encoders,
+        family=family,
+        prediction_type=prediction_type,
+        scaling_factor=float(vae.config.scaling_factor),
+        image_size=image_size,
+        device=torch.device("cpu"),
+        dtype=dtype,
+        vae_dtype=vae_dtype,
+        scheduler_config=scheduler_config,
+    )
+
+
+def _cast(module: nn.Module, dtype: torch.dtype) -> None:
+    """Put ``module`` in eval mode, frozen, in ``dtype`` (quietly: no cast when already there)."""
+    module.eval().requires_grad_(False)
+    if next(module.parameters()).dtype == dtype:
+        return
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        module.to(dtype)
+    finally:
+        dlogging.set_verbosity(level)
+
+def _build_random(key: str, *, seed: int, dtype: torch.dtype) -> Backbone:
+    spec = source_spec(key)
+    assert spec is not None
+    family: Family = spec.family  # type: ignore[assignment]
+    unet, vae, tokenizers, encoders, prediction = build_random_modules(key, family, seed=seed)
+    tiny = key.startswith("tiny-")
+    return _assemble(
+        key if tiny else f"{key} (random weights)",
+        unet,
+        vae,
+        tokenizers,
+        encoders,
+        family=family,
+        prediction_type=prediction,
+        image_size=spec.image_size,
+        dtype=dtype,
+        vae_dtype=torch.float32 if family == "sdxl" else dtype,
+        scheduler_config={},
+    )
