@@ -94,11 +94,11 @@ def _seeded_network(net: Any, seed: int) -> Any:
 
 # ----------------------------------------------------------------------------- pipeline part
 def _pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    from hyperfeatures.sources.backbones import load_backbone
-    from hyperfeatures.sources.diffusion import capture_steps_hooks, invert
+    from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import FeatureExtractor, untrained_network
     from hyperfeatures.sinks import KeepAll, StreamingAggregator
-    from hyperfeatures.taps import capture
+    from hyperfeatures.sources.backbones import load_backbone
+    from hyperfeatures.sources.diffusion import invert, run_with_taps, schedule_for
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -107,15 +107,20 @@ def _pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         cfg["model"], device=device, dtype=cfg["dtype"], random_weights=True, seed=0
     )
     T, steps_spec = SETTINGS[cfg["setting"]]
-    net = untrained_network(
-        backbone, taps="dhf", num_steps=T, steps=steps_spec, image_size=cfg["image_size"]
+    load = int(cfg["load_size"])
+    settings = Settings(
+        model=cfg["model"],
+        num_steps=T,
+        steps=steps_spec,
+        image_size=cfg["image_size"],
+        load_size=load,
     )
+    net = untrained_network(backbone, settings)
     net = _seeded_network(net, 0).to(device).eval()
     taps, steps = list(net.taps), list(net.steps)
     chain = max(steps) + 1  # UNet calls the inversion needs
     calls = min(chain, cfg["max_calls"] or chain)
     gen = torch.Generator().manual_seed(0)
-    load = int(cfg["load_size"])
     images = torch.rand(2, 3, load, load, generator=gen)  # one pair
     method = cfg["method"]
 
@@ -132,16 +137,9 @@ def _pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     with torch.no_grad():
         if calls == chain:
-            ex = FeatureExtractor(
-                backbone,
-                taps=taps,
-                num_steps=T,
-                steps=steps,
-                image_size=cfg["image_size"],
-                load_size=load,
-            )
+            ex = FeatureExtractor(backbone, net.settings)
             probe = MemoryProbe(device).start()
-            ex.run_images(images[:1], make_sink())  # warm-up (batch 1)
+            ex.run(images[:1], make_sink())  # warm-up (batch 1)
             probe.restart_faults()
             runs, desc = [], None
             for _ in range(max(1, int(cfg["repeats"]))):
@@ -149,7 +147,7 @@ def _pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
                 _sync(device)
                 t0 = time.perf_counter()
                 sink = make_sink()
-                ex.run_images(images, sink)
+                ex.run(images, sink)
                 desc = finish(sink)
                 del sink
                 _sync(device)
@@ -160,36 +158,29 @@ def _pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             parts: dict[str, Any] = {"runs": runs}
         else:
             # Record `calls` UNet calls (native maps), then replay the full run's events.
-            rec = FeatureExtractor(
-                backbone,
-                taps=taps,
-                num_steps=T,
-                steps=f"first:{calls}",
-                image_size=cfg["image_size"],
-                load_size=load,
-            )
+            rec = FeatureExtractor(backbone, net.settings.replace(steps=f"first:{calls}"))
             cond = backbone.encode_prompts([""]).repeat(2)
             probe = MemoryProbe(device).start()
-            rec.run_images(images[:1], KeepAll())  # warm-up
+            rec.run(images[:1], KeepAll())  # warm-up
             probe.restart_faults()
             recorder = KeepAll()
             _sync(device)
             t0 = time.perf_counter()
-            latents = rec.encode(images)
+            latents = backbone.encode(images, rec.settings)
             _sync(device)
             t1 = time.perf_counter()
-            with capture(backbone.unet, rec.taps, recorder) as cap:
-                before, after = capture_steps_hooks(cap, rec.steps)
-                invert(
-                    backbone.unet,
-                    latents,
-                    cond,
-                    rec.schedule,
-                    num_steps=T,
-                    last_step=calls - 1,
-                    before_call=before,
-                    after_call=after,
-                )
+            run_with_taps(
+                backbone.unet,
+                rec.taps,
+                recorder,
+                invert,
+                steps=rec.steps,
+                latents=latents,
+                cond=cond,
+                schedule=schedule_for(backbone),
+                num_steps=T,
+                last_step=calls - 1,
+            )
             _sync(device)
             t2 = time.perf_counter()
             vae_s, loop_s = t1 - t0, t2 - t1
@@ -231,10 +222,12 @@ def _agg_maps(batch: int, s_index: int, layer: int, seed: int, device: torch.dev
 
 def _agg_network(num_steps: int, seed: int, device: torch.device) -> Any:
     from hyperfeatures.aggregation import PAPER_TAPS, AggregationNetwork
+    from hyperfeatures.config import Settings
 
+    settings = Settings(taps=PAPER_TAPS, num_steps=50, steps=PAPER_STEPS[:num_steps])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = AggregationNetwork(list(PAPER_TAPS), SD15_CHANNELS, PAPER_STEPS[:num_steps])
+        net = AggregationNetwork(settings, SD15_CHANNELS)
     return _seeded_network(net, seed).to(device).eval()
 
 

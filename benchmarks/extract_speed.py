@@ -63,11 +63,11 @@ MODES = ("plain", "drop", "keep")
 
 # ----------------------------------------------------------------------------- worker
 def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
-    from hyperfeatures.backbones import load_backbone
-    from hyperfeatures.diffusion import capture_steps_hooks, invert
+    from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import FeatureExtractor
     from hyperfeatures.sinks import KeepAll
-    from hyperfeatures.taps import capture
+    from hyperfeatures.sources.backbones import load_backbone
+    from hyperfeatures.sources.diffusion import invert, run_with_taps, schedule_for
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -81,12 +81,16 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     calls = min(int(cfg["max_calls"] or T), T)
     ex = FeatureExtractor(
         backbone,
-        taps="dhf",
-        num_steps=T,
-        steps=f"first:{calls}",
-        image_size=cfg["image_size"],
-        load_size=cfg["load_size"],
+        Settings(
+            model=cfg["model"],
+            taps="dhf",
+            num_steps=T,
+            steps=f"first:{calls}",
+            image_size=cfg["image_size"],
+            load_size=cfg["load_size"],
+        ),
     )
+    schedule = schedule_for(backbone)
     gen = torch.Generator().manual_seed(0)
     batch, load = int(cfg["batch"]), int(cfg["load_size"])
     images = torch.rand(batch, 3, load, load, generator=gen)
@@ -99,21 +103,21 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     def loop(latents: torch.Tensor, last_step: int, tapped: bool) -> KeepAll | None:
         if not tapped:
-            invert(unet, latents, cond, ex.schedule, num_steps=T, last_step=last_step)
+            invert(unet, latents, cond, schedule, num_steps=T, last_step=last_step)
             return None
         sink = KeepAll() if mode == "keep" else drop
-        with capture(unet, ex.taps, sink) as cap:
-            before, after = capture_steps_hooks(cap, ex.steps)
-            invert(
-                unet,
-                latents,
-                cond,
-                ex.schedule,
-                num_steps=T,
-                last_step=last_step,
-                before_call=before,
-                after_call=after,
-            )
+        run_with_taps(
+            unet,
+            ex.taps,
+            sink,
+            invert,
+            steps=ex.steps,
+            latents=latents,
+            cond=cond,
+            schedule=schedule,
+            num_steps=T,
+            last_step=last_step,
+        )
         return sink if isinstance(sink, KeepAll) else None
 
     def sync() -> None:
@@ -134,7 +138,7 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     tapped_mode = mode != "plain"
     with torch.no_grad():
         probe = MemoryProbe(device).start()
-        warm = ex.encode(images)
+        warm = backbone.encode(images, ex.settings)
         loop(warm, 0, tapped_mode)  # warm-up: one UNet call of this mode (and of plain)
         if tapped_mode:
             loop(warm, 0, False)
@@ -146,7 +150,7 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
         while len(loop_runs) < repeats or (sum(loop_runs) < 1.0 and len(loop_runs) < 50):
             sync()
             t1 = time.perf_counter()
-            latents = ex.encode(images)
+            latents = backbone.encode(images, ex.settings)
             sync()
             enc_runs.append(time.perf_counter() - t1)
             # Tapped modes also time the plain loop on the same latents, alternating, so the

@@ -1,9 +1,15 @@
-"""Tests of hyperfeatures.aggregation: layout, exact fast path, persistence, official import."""
+"""Tests of hyperfeatures.aggregation: layout, exact fast path, persistence, official import.
+
+The network takes its taps, steps, T and source from a :class:`~hyperfeatures.config.Settings`
+record; the helpers below build one per network."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +22,15 @@ from hyperfeatures.aggregation import (
     AggregationNetwork,
     BottleneckBlock,
     CheckpointError,
-    backbone_from_model_id,
     check_compatible,
     load_official_checkpoint,
     official_labels_to_steps,
     steps_to_official_labels,
     write_official_checkpoint,
 )
+from hyperfeatures.aggregation.network import network_kwargs
+from hyperfeatures.config import Settings, SettingsError
+from hyperfeatures.sources.registry import source_for_model_id
 
 SD15_CHANNELS = [1280] * 6 + [640] * 3 + [320] * 3
 OFFICIAL_LABELS = [49, 45, 40, 35, 30, 25, 20, 15, 10, 5, 0]
@@ -52,25 +60,41 @@ def _maps(
     }
 
 
-def _small_net(**kw) -> AggregationNetwork:
-    args = dict(
-        taps=["up_blocks.0.resnets.0", "up_blocks.1.resnets.0", "up_blocks.2.resnets.0", "x"],
-        channels=[40, 24, 64, 8],
-        steps=[0, 2, 5],
-        projection_dim=64,
-        num_norm_groups=8,
-        output_size=64,
-        num_inference_steps=6,
-    )
-    args.update(kw)
-    return AggregationNetwork(**args)
+def _net(
+    taps: Sequence[str],
+    channels: Sequence[int],
+    steps: Sequence[int] | str,
+    *,
+    num_steps: int = 50,
+    model: str = "sd15",
+    **arch,
+) -> AggregationNetwork:
+    """A network over ``taps`` x ``steps`` (T = ``num_steps``), as the old positional form."""
+    settings = Settings(model=model, taps=list(taps), num_steps=num_steps, steps=steps)
+    return AggregationNetwork(settings, list(channels), **arch)
+
+
+SMALL_TAPS = ["up_blocks.0.resnets.0", "up_blocks.1.resnets.0", "up_blocks.2.resnets.0", "x"]
+
+
+def _small_net(
+    *,
+    taps: Sequence[str] = SMALL_TAPS,
+    channels: Sequence[int] = (40, 24, 64, 8),
+    steps: Sequence[int] = (0, 2, 5),
+    num_steps: int = 6,
+    model: str = "tiny-sd",
+    **arch,
+) -> AggregationNetwork:
+    arch = {"projection_dim": 64, "num_norm_groups": 8, "output_size": 64, **arch}
+    return _net(taps, channels, list(steps), num_steps=num_steps, model=model, **arch)
 
 
 # ------------------------------------------------------------------------------ layout
 
 
 def test_state_dict_keys_match_official_layout() -> None:
-    net = AggregationNetwork(["a", "b"], [16, 64], [0], projection_dim=64, num_norm_groups=8)
+    net = _net(["a", "b"], [16, 64], [0], num_steps=1, projection_dim=64, num_norm_groups=8)
     # Layer 0 has 16 != 64 input channels (projection shortcut); layer 1 has 64 (identity).
     expected = [
         "mixing_weights",
@@ -106,7 +130,8 @@ def test_state_dict_keys_match_official_layout() -> None:
 
 
 def test_parameter_count_sd15_full_model() -> None:
-    net = AggregationNetwork(list(PAPER_TAPS), SD15_CHANNELS, OUR_STEPS)
+    net = AggregationNetwork(Settings(taps=list(PAPER_TAPS)), SD15_CHANNELS)
+    assert list(net.steps) == OUR_STEPS  # the default settings are the paper's 11 steps
     p, w = 384, 384 // 4
 
     def block(c: int) -> int:
@@ -123,7 +148,7 @@ def test_parameter_count_sd15_full_model() -> None:
 
 
 def test_init_msra_groupnorm_and_mixing_ones() -> None:
-    net = AggregationNetwork(list(PAPER_TAPS[:2]), [1280, 384], [0, 1, 2])
+    net = _net(list(PAPER_TAPS[:2]), [1280, 384], [0, 1, 2])
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 7  # 4 in the first block (with shortcut), 3 in the identity one
     for conv in convs:
@@ -143,15 +168,59 @@ def test_init_msra_groupnorm_and_mixing_ones() -> None:
 
 def test_constructor_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError, match="num_norm_groups"):
-        AggregationNetwork(["a"], [8], [0], projection_dim=64, num_norm_groups=32)
+        _net(["a"], [8], [0], projection_dim=64, num_norm_groups=32)
     with pytest.raises(ValueError, match="one channel count per tap"):
-        AggregationNetwork(["a", "b"], [8], [0])
-    with pytest.raises(ValueError, match="unique"):
-        AggregationNetwork(["a"], [8], [0, 0])
-    with pytest.raises(ValueError, match="num_inference_steps"):
-        AggregationNetwork(["a"], [8], [0, 7], num_inference_steps=5)
+        _net(["a", "b"], [8], [0])
+    with pytest.raises(ValueError, match=r"taps must be unique; repeated: 'a'"):
+        _net(["a", "b", "a"], [8, 8, 8], [0])
+    # steps outside 0..T-1 are refused by the settings record (T was num_inference_steps)
+    with pytest.raises(SettingsError, match=r"steps \[7\] are outside 0..4"):
+        _net(["a"], [8], [0, 7], num_steps=5)
+    with pytest.raises(
+        SettingsError, match=r"aggregation network settings: settings field 'steps'.*outside"
+    ):
+        AggregationNetwork({"taps": ["a"], "num_steps": 5, "steps": [0, 7]}, [8])
     with pytest.raises(ValueError, match="mode"):
-        AggregationNetwork(["a"], [8], [0], mode="sampling")
+        _net(["a"], [8], [0], mode="sampling")
+    with pytest.raises(ValueError, match="positive ints"):
+        _net(["a"], [0], [0])
+    with pytest.raises(ValueError, match="multiple of 4"):
+        _net(["a"], [8], [0], projection_dim=66)
+    with pytest.raises(ValueError, match="output_size"):
+        _net(["a"], [8], [0], output_size=0)
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        _net(["a"], [8], [0], extra={"when": object()})
+
+
+def test_network_refuses_preset_taps() -> None:
+    with pytest.raises(ValueError, match=r"by preset 'dhf'.*resolve_taps") as info:
+        AggregationNetwork(Settings(), SD15_CHANNELS)  # taps="dhf", a preset name
+    assert not isinstance(info.value, SettingsError)  # the record is valid; the network refuses
+    with pytest.raises(ValueError, match="preset 'layer-4'"):
+        AggregationNetwork(Settings(taps="layer-4"), [1280])
+
+
+def test_settings_define_taps_steps_and_metadata() -> None:
+    settings = Settings(
+        model="tiny-sd", taps=["b", "a"], num_steps=8, steps=[7, 0, 3, 3], load_size=32
+    )
+    net = AggregationNetwork(settings, [8, 16], projection_dim=64, num_norm_groups=8)
+    assert net.settings is settings
+    assert net.taps == ("b", "a")  # tap order as given (one bottleneck each)
+    assert net.steps == (0, 3, 7)  # steps sorted, repeats merged
+    assert net.num_steps == 8  # T
+    assert net.num_mixed_steps == 3  # S
+    assert net.num_layers == 2  # L
+    assert net.model == "tiny-sd"
+    assert net.mixing_weights.shape == (6,)
+    config = net.config
+    assert config["settings"] == settings.to_dict()
+    assert config["channels"] == [8, 16]
+    assert json.loads(json.dumps(config)) == config  # JSON-clean
+    rebuilt = AggregationNetwork(**config)  # a dict is validated into a Settings record
+    assert rebuilt.settings == settings and rebuilt.config == config
+    text = repr(net)
+    assert "L=2, S=3" in text and "T=8" in text and "model='tiny-sd'" in text
 
 
 # ------------------------------------------------------------------------------ compute
@@ -209,12 +278,13 @@ def test_bottleneck_block_matches_explicit_definition(in_channels: int) -> None:
 
 def test_stack_maps_is_timestep_major_resize_then_concat() -> None:
     net = _small_net(steps=[3, 1])
+    assert net.steps == (1, 3)  # the settings sort the steps: the stacking order
     maps = _maps(net, [8, 16, 32, 64], batch=1)
     stacked = net.stack_maps(maps)
     manual = torch.cat(
         [
             F.interpolate(maps[(s, t)], size=64, mode="bilinear", align_corners=False)
-            for s in (3, 1)
+            for s in (1, 3)
             for t in net.taps
         ],
         dim=1,
@@ -223,7 +293,7 @@ def test_stack_maps_is_timestep_major_resize_then_concat() -> None:
 
 
 def test_full_default_size_tiny_maps() -> None:
-    net = _randomise(AggregationNetwork(list(PAPER_TAPS), SD15_CHANNELS, [0, 4], output_size=8))
+    net = _randomise(_net(list(PAPER_TAPS), SD15_CHANNELS, [0, 4], output_size=8))
     sizes = [1] * 3 + [2] * 3 + [4] * 3 + [8] * 3
     maps = _maps(net, sizes, batch=1)
     with torch.no_grad():
@@ -294,18 +364,153 @@ def test_forward_reports_key_and_channel_problems() -> None:
 
 
 def test_save_pretrained_round_trip(tmp_path: Path) -> None:
-    net = _randomise(_small_net(output_size=16, backbone="sd15", extra={"lr": 1e-3}))
+    net = _randomise(_small_net(output_size=16, model="sd15", extra={"lr": 1e-3}))
     net.extra["note"] = "edited after construction"
     net.save_pretrained(tmp_path / "net")
     assert (tmp_path / "net" / "model.safetensors").is_file()
     assert (tmp_path / "net" / "config.json").is_file()
+    saved = json.loads((tmp_path / "net" / "config.json").read_text())
+    assert saved["settings"] == net.settings.to_dict()  # the whole record, every field
+    assert saved["channels"] == [40, 24, 64, 8]
     loaded = AggregationNetwork.from_pretrained(tmp_path / "net")
     assert loaded.config == net.config
-    assert loaded.steps == (0, 2, 5) and loaded.backbone == "sd15"
+    assert loaded.settings == net.settings
+    assert loaded.steps == (0, 2, 5) and loaded.model == "sd15" and loaded.num_steps == 6
     assert loaded.extra == {"lr": 1e-3, "note": "edited after construction"}
     maps = _maps(net, [4, 8, 16, 16], batch=1)
     with torch.no_grad():
         assert torch.equal(loaded(maps), net(maps))
+
+
+def test_saved_settings_carry_every_extraction_choice(tmp_path: Path) -> None:
+    settings = Settings(
+        model="tiny-sd",
+        taps=["up_blocks.1.resnets.0"],
+        num_steps=4,
+        steps="all",
+        image_size=64,
+        load_size=32,
+        match_size=48,
+        posterior="sample",
+        seed=7,
+        prompt="a photo",
+        guidance_scale=2.0,
+        negative_prompt="blurry",
+    )
+    net = AggregationNetwork(settings, [64], projection_dim=64, num_norm_groups=8)
+    net.save_pretrained(tmp_path / "net")
+    loaded = AggregationNetwork.from_pretrained(tmp_path / "net")
+    assert loaded.settings == settings
+    assert loaded.settings.differences(settings) == []
+
+
+def _old_layout(net: AggregationNetwork, steps: list[int] | None = None, **fields) -> dict:
+    """The config.json of earlier releases: taps/steps/T/backbone at the top level."""
+    config = {
+        "taps": list(net.taps),
+        "channels": list(net.channels),
+        "steps": list(net.steps) if steps is None else steps,
+        "projection_dim": net.projection_dim,
+        "num_norm_groups": net.num_norm_groups,
+        "output_size": net.output_size,
+        "mode": net.mode,
+        "extra": dict(net.extra),
+        **fields,
+    }
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def test_earlier_config_layout_still_loads(tmp_path: Path) -> None:
+    net = _randomise(_small_net(output_size=16, extra={"lr": 0.5}))
+    net.save_pretrained(tmp_path / "net")
+    old = _old_layout(net, num_inference_steps=6, backbone="sd21")
+    (tmp_path / "net" / "config.json").write_text(json.dumps(old))
+    loaded = AggregationNetwork.from_pretrained(tmp_path / "net")
+    assert loaded.taps == net.taps and loaded.steps == net.steps
+    assert loaded.num_steps == 6 and loaded.model == "sd21"
+    assert loaded.channels == net.channels and loaded.output_size == 16
+    assert loaded.projection_dim == 64 and loaded.num_norm_groups == 8
+    assert loaded.extra == {"lr": 0.5}
+    # fields the old layout did not have take their defaults
+    assert loaded.settings.load_size == Settings().load_size
+    maps = _maps(net, [4, 8, 16, 16], batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(maps), net(maps))
+    # Without num_inference_steps, T is the last step + 1; without backbone, the default model.
+    kwargs = network_kwargs(_old_layout(net), source="old.json")
+    assert kwargs["settings"].num_steps == 6
+    assert kwargs["settings"].model == Settings().model
+    assert kwargs["channels"] == list(net.channels)
+    # Saving again writes the current layout.
+    loaded.save_pretrained(tmp_path / "again")
+    assert "settings" in json.loads((tmp_path / "again" / "config.json").read_text())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="network.py network_kwargs: an earlier-layout config with unsorted steps is "
+    "sorted by Settings but its mixing weights are loaded unreordered",
+)
+def test_earlier_layout_with_unsorted_steps_keeps_each_weight_with_its_step(
+    tmp_path: Path,
+) -> None:
+    net = _small_net(output_size=8)
+    with torch.no_grad():
+        net.mixing_weights.copy_(torch.arange(12.0))
+    net.save_pretrained(tmp_path / "net")
+    # Earlier releases kept the step order as given: here mixing rows are steps 5, 0, 2.
+    old_order = [5, 0, 2]
+    (tmp_path / "net" / "config.json").write_text(
+        json.dumps(_old_layout(net, steps=old_order, num_inference_steps=6))
+    )
+    loaded = AggregationNetwork.from_pretrained(tmp_path / "net")
+    raw = net.mixing_matrix().detach()  # row i = the i-th step of the file's order
+    for i, step in enumerate(old_order):
+        for layer, tap in enumerate(net.taps):
+            assert loaded.mixing_weight(step, tap).item() == pytest.approx(raw[i, layer].item())
+
+
+@pytest.mark.parametrize(
+    "text", ["{not json", "[1, 2]", '"a string"'], ids=["corrupt", "list", "string"]
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="network.py AggregationNetwork.from_pretrained: huggingface_hub's "
+    "PyTorchModelHubMixin.from_pretrained parses config.json first, so a corrupt file raises "
+    "JSONDecodeError and a non-object one AttributeError, not CheckpointError",
+)
+def test_unreadable_config_json_is_a_checkpoint_error(tmp_path: Path, text: str) -> None:
+    _small_net().save_pretrained(tmp_path / "net")
+    path = tmp_path / "net" / "config.json"
+    path.write_text(text)
+    with pytest.raises(CheckpointError, match=re.escape(str(path))):
+        AggregationNetwork.from_pretrained(tmp_path / "net")
+
+
+def test_config_json_problems_name_the_file(tmp_path: Path) -> None:
+    net = _small_net()
+    net.save_pretrained(tmp_path / "net")
+    path = tmp_path / "net" / "config.json"
+    good = json.loads(path.read_text())
+
+    def load_with(config: dict) -> str:
+        path.write_text(json.dumps(config))
+        with pytest.raises(CheckpointError) as info:
+            AggregationNetwork.from_pretrained(tmp_path / "net")
+        assert str(path) in str(info.value)
+        return str(info.value)
+
+    assert "no 'settings' field" in load_with({"channels": [8]})
+    assert "no 'channels' field" in load_with({"settings": good["settings"]})
+    bad_settings = {**good, "settings": {**good["settings"], "num_steps": 0}}
+    assert "field 'settings': settings field 'num_steps'" in load_with(bad_settings)
+    unknown = {**good, "settings": {**good["settings"], "stepz": 1}}
+    assert "did you mean 'steps'" in load_with(unknown)
+    assert "must be a list of integers" in load_with({**good, "channels": "40,24"})
+    # the reader behind it refuses what is not an object, naming its source
+    for bad in ([1, 2], "x", None):
+        with pytest.raises(CheckpointError, match=r"cfg\.json: the config must be a JSON object"):
+            network_kwargs(bad, source="cfg.json")
 
 
 def test_from_pretrained_missing_files_is_clear(tmp_path: Path) -> None:
@@ -336,25 +541,30 @@ def test_label_translation() -> None:
         official_labels_to_steps([50], 50)
 
 
-def test_backbone_from_model_id() -> None:
-    assert backbone_from_model_id("runwayml/stable-diffusion-v1-5") == "sd15"
-    assert backbone_from_model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
-    assert backbone_from_model_id("stabilityai/stable-diffusion-2-1-base") == "sd21"
-    assert backbone_from_model_id("stabilityai/stable-diffusion-2-1") == "sd21"
-    assert backbone_from_model_id("someone/custom-model") == "someone/custom-model"
-    assert backbone_from_model_id(None) is None
+def test_source_for_model_id() -> None:
+    assert source_for_model_id("runwayml/stable-diffusion-v1-5") == "sd15"
+    assert source_for_model_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == "sd15"
+    assert source_for_model_id("stabilityai/stable-diffusion-2-1-base") == "sd21"
+    assert source_for_model_id("stabilityai/stable-diffusion-2-1") == "sd21"
+    assert source_for_model_id("stabilityai/stable-diffusion-xl-base-1.0") == "sdxl"
+    assert source_for_model_id(" RunwayML/Stable-Diffusion-v1-5/ ") == "sd15"
+    assert source_for_model_id("someone/custom-model") == "someone/custom-model"
+    assert source_for_model_id(None) is None
+
+
+OFFICIAL_CHANNELS = [32] * 6 + [16] * 3 + [8] * 3
+OFFICIAL_SIZES = [2] * 3 + [4] * 3 + [8] * 3 + [16] * 3
 
 
 def _official_net() -> AggregationNetwork:
-    channels = [32] * 6 + [16] * 3 + [8] * 3
-    net = AggregationNetwork(
+    net = _net(
         list(PAPER_TAPS),
-        channels,
+        OFFICIAL_CHANNELS,
         OUR_STEPS,
+        num_steps=50,
+        model="sd15",
         projection_dim=128,
         output_size=16,
-        num_inference_steps=50,
-        backbone="sd15",
     )
     return _randomise(net, seed=3)
 
@@ -374,14 +584,60 @@ def test_official_export_import_round_trip(tmp_path: Path) -> None:
     assert list(loaded.steps) == OUR_STEPS
     assert loaded.taps == PAPER_TAPS
     assert loaded.channels == net.channels
-    assert loaded.backbone == "sd15" and loaded.mode == "inversion"
-    assert loaded.num_inference_steps == 50 and loaded.output_size == 16
+    assert loaded.model == "sd15" and loaded.mode == "inversion"
+    assert loaded.num_steps == 50 and loaded.output_size == 16
     assert loaded.projection_dim == 128
+    assert loaded.settings.taps == PAPER_TAPS  # explicit tap names, not the preset
     assert torch.equal(loaded.mixing_weights, net.mixing_weights)  # order unchanged
-    sizes = [2] * 3 + [4] * 3 + [8] * 3 + [16] * 3
-    maps = _maps(net, sizes, batch=1)
+    maps = _maps(net, OFFICIAL_SIZES, batch=1)
     with torch.no_grad():
         assert torch.equal(loaded(maps), net(maps))
+
+
+def _with_labels(tmp_path: Path, net: AggregationNetwork, labels: list[int], name: str) -> Path:
+    """An official checkpoint of ``net`` whose save_timestep lists ``labels`` in that order,
+    its mixing-weight rows written in the same order (as the original code does)."""
+    ckpt = torch.load(write_official_checkpoint(net, tmp_path / "canon.pt"), weights_only=True)
+    rows = [net.step_index(s) for s in official_labels_to_steps(labels, net.num_steps)]
+    state = dict(ckpt["aggregation_network"])
+    matrix = state["mixing_weights"].view(net.num_mixed_steps, net.num_layers)
+    state["mixing_weights"] = matrix[rows].reshape(-1).clone()
+    path = tmp_path / name
+    torch.save(
+        {"config": {**ckpt["config"], "save_timestep": labels}, "aggregation_network": state}, path
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [sorted(OFFICIAL_LABELS), [5, 49, 0, 30, 45, 10, 40, 25, 15, 35, 20]],
+    ids=["ascending", "shuffled"],
+)
+def test_official_labels_in_any_order_keep_weights_with_their_pairs(
+    tmp_path: Path, labels: list[int]
+) -> None:
+    net = _official_net()
+    path = _with_labels(tmp_path, net, labels, "ordered.pt")
+    raw = torch.load(path, weights_only=True)
+    # the file's rows really are in another order (guards against a trivial pass)
+    assert not torch.equal(raw["aggregation_network"]["mixing_weights"], net.mixing_weights)
+    file_probs = torch.softmax(raw["aggregation_network"]["mixing_weights"], 0).view(11, 12)
+    loaded = load_official_checkpoint(path)
+    assert list(loaded.steps) == OUR_STEPS  # sorted, whatever the file's order
+    # every weight stays with its (step, layer) pair
+    for row, label in enumerate(labels):
+        step = 49 - label
+        for layer, tap in enumerate(PAPER_TAPS):
+            got = loaded.mixing_weight(step, tap).item()
+            assert got == pytest.approx(file_probs[row, layer].item(), rel=1e-6)
+    assert torch.equal(loaded.mixing_weights, net.mixing_weights)
+    maps = _maps(net, OFFICIAL_SIZES, batch=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(maps), net(maps))
+    # exporting writes the canonical (descending-label) order
+    again = torch.load(write_official_checkpoint(loaded, tmp_path / "again.pt"), weights_only=True)
+    assert again["config"]["save_timestep"] == OFFICIAL_LABELS
 
 
 def test_official_training_checkpoint_with_yaml_fields(
@@ -423,7 +679,7 @@ def test_official_training_checkpoint_with_yaml_fields(
     with caplog.at_level(logging.INFO, logger="hyperfeatures.aggregation"):
         loaded = load_official_checkpoint(tmp_path / "checkpoint_step_1000.pt")
     assert "optimizer_state_dict" in caplog.text and "step" in caplog.text
-    assert loaded.backbone == "sd21"
+    assert loaded.model == "sd21"
     assert list(loaded.steps) == OUR_STEPS
     assert loaded.extra["official_config"]["wandb_run"] == "sdv1-5"
     assert torch.equal(loaded.mixing_weights, net.mixing_weights)
@@ -434,25 +690,34 @@ def test_official_training_checkpoint_with_yaml_fields(
 
 
 def test_one_step_checkpoint(tmp_path: Path) -> None:
-    net = AggregationNetwork(
-        list(PAPER_TAPS),
-        [32] * 6 + [16] * 3 + [8] * 3,
-        [0],
-        projection_dim=128,
-        num_inference_steps=1,
-        backbone="sd15",
+    net = _net(
+        list(PAPER_TAPS), OFFICIAL_CHANNELS, [0], num_steps=1, model="sd15", projection_dim=128
     )
     path = write_official_checkpoint(net, tmp_path / "one.pt")
     raw = torch.load(path, weights_only=True)["config"]
     assert raw["save_timestep"] == [0] and raw["num_timesteps"] == 1
+    assert raw["model_id"] == "runwayml/stable-diffusion-v1-5"
     loaded = load_official_checkpoint(path)
-    assert loaded.steps == (0,) and loaded.num_inference_steps == 1
+    assert loaded.steps == (0,) and loaded.num_steps == 1
     assert loaded.mixing_weights.shape == (12,)
+
+
+def test_official_model_ids_map_to_sources(tmp_path: Path) -> None:
+    net = _official_net()
+    ckpt = torch.load(write_official_checkpoint(net, tmp_path / "a.pt"), weights_only=True)
+    custom = dict(ckpt, config={**ckpt["config"], "model_id": "someone/custom-model"})
+    torch.save(custom, tmp_path / "custom.pt")
+    loaded = load_official_checkpoint(tmp_path / "custom.pt")
+    assert loaded.model == "someone/custom-model"  # unknown ids are kept
+    cfg = dict(ckpt["config"])
+    del cfg["model_id"]
+    torch.save(dict(ckpt, config=cfg), tmp_path / "none.pt")
+    assert load_official_checkpoint(tmp_path / "none.pt").model == Settings().model
 
 
 def test_custom_taps_travel_as_idxs(tmp_path: Path) -> None:
     taps = ["up_blocks.1.resnets.0", "up_blocks.2.resnets.2"]
-    net = AggregationNetwork(taps, [16, 8], [0, 3], projection_dim=128, num_inference_steps=10)
+    net = _net(taps, [16, 8], [0, 3], num_steps=10, projection_dim=128)
     path = write_official_checkpoint(net, tmp_path / "c.pt")
     assert torch.load(path, weights_only=True)["config"]["idxs"] == [(1, 0), (2, 2)]
     assert load_official_checkpoint(path).taps == tuple(taps)
@@ -534,7 +799,7 @@ def test_check_compatible() -> None:
     net = _small_net()
     good = dict(zip(net.taps, net.channels, strict=True)) | {"mid_block.resnets.0": 1280}
     check_compatible(net, good)
-    check_compatible(net, list(good.items()), num_inference_steps=6)
+    check_compatible(net, list(good.items()), num_steps=6)
     check_compatible(net, [_Info(name, c) for name, c in good.items()])
     bad = dict(good)
     del bad["x"]
@@ -543,8 +808,10 @@ def test_check_compatible() -> None:
         ValueError, match=r"missing from the backbone: 'x'.*backbone 640 vs network 24"
     ):
         check_compatible(net, bad)
-    with pytest.raises(ValueError, match="num_inference_steps=6"):
-        check_compatible(net, good, num_inference_steps=50)
+    with pytest.raises(ValueError, match="trained with num_steps=6, the run uses 50"):
+        check_compatible(net, good, num_steps=50)
+    with pytest.raises(ValueError, match="model='tiny-sd'"):
+        check_compatible(net, bad)
 
 
 # ------------------------------------------------------------------------------ fused kernels
@@ -552,10 +819,11 @@ def test_check_compatible() -> None:
 
 def _sd_like_net(output_size: int = 16) -> AggregationNetwork:
     """Small channels, the SD layout of sizes: smaller, equal and larger than the output."""
-    net = AggregationNetwork(
+    net = _net(
         ["a", "b", "c", "d"],
         [48, 64, 24, 32],
         [0, 3, 7],
+        num_steps=8,
         projection_dim=64,
         num_norm_groups=8,
         output_size=output_size,

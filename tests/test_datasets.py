@@ -812,15 +812,64 @@ def test_cub_malformed_and_missing(tmp_path: Path) -> None:
 
 
 def test_load_dataset_by_name(spair_root: Path, tmp_path: Path) -> None:
-    assert list_datasets() == ["cub", "pair-list", "pf-pascal", "pf-willow", "spair"]
+    assert list_datasets() == ["spair", "pf-pascal", "pf-willow", "cub", "pair-list"]
     by_name = load_dataset("SPair-71k", spair_root, split="val", per_category=2)
     assert [p.pair_id for p in by_name] == [
         p.pair_id for p in load_spair(spair_root, "val", per_category=2)
     ]
     root = write_pf_willow_fixture(tmp_path, pairs_per_category=1)
     assert len(load_dataset("pf_willow", root)) == 2
-    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose from \['cub'"):
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; choose from spair, pf-"):
         load_dataset("imagenet", tmp_path)
+
+
+def test_load_dataset_benchmark_protocol(spair_root: Path, tmp_path: Path) -> None:
+    data = load_dataset("SPair-71k", spair_root.parent)  # the parent folder works too
+    assert len(data) == 60 and "20pc" in data.name  # the 20-per-category protocol
+    assert [p.pair_id for p in data] == [
+        p.pair_id for p in load_spair(spair_root, "test", per_category=20)
+    ]
+    one = load_dataset("spair", spair_root, per_category=1)
+    assert one.category_counts() == {"bus": 1, "cat": 1, "dog": 1}
+    every = load_dataset("spair", spair_root, per_category=0)
+    assert len(every) == 90 and every.name == load_spair(spair_root).name
+    pair_file = save_pair_list(every, tmp_path / "list.json", image_root=spair_root / "JPEGImages")
+    listed = load_dataset("spair", spair_root, pairs_file=pair_file)
+    assert [p.pair_id for p in listed] == [p.pair_id for p in every]
+    assert listed.name == "spair-list"
+    np.testing.assert_array_equal(listed[0].target_points, every[0].target_points)
+    generic = load_dataset("pair-list", spair_root / "JPEGImages", pairs_file=pair_file)
+    assert len(generic) == 90 and generic.name == "list"
+    images = spair_root / "JPEGImages"
+    drawn = load_dataset("pair_list", images, pairs_file=pair_file, per_category=2)
+    assert drawn.name == "list-2pc-seed0" and len(drawn) == 6
+    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*spair, pf-pascal"):
+        load_dataset("imagenet", tmp_path)
+    with pytest.raises(ValueError, match="--data-root"):
+        load_dataset("spair", None)
+    with pytest.raises(ValueError, match="per_category must be a non-negative integer"):
+        load_dataset("spair", spair_root, per_category=-1)
+    with pytest.raises(FileNotFoundError, match="SPair-71k not found"):
+        load_dataset("spair", tmp_path / "nowhere")
+
+
+def test_load_dataset_subsamples_and_names(tmp_path: Path) -> None:
+    willow = write_pf_willow_fixture(tmp_path / "willow", pairs_per_category=2)
+    assert load_dataset("pf-willow", willow).name == "pf-willow"
+    one = load_dataset("PF-WILLOW", willow, per_category=1, seed=3)
+    assert one.name == "pf-willow-1pc-seed3"
+    assert [p.pair_id for p in one] == [
+        p.pair_id for p in load_pf_willow(willow).subsample(1, seed=3)
+    ]
+    pair_file = write_pair_list_fixture(tmp_path / "pairs")
+    images = tmp_path / "pairs" / "images"
+    by_name = load_dataset("pair-list", images, pairs_file=pair_file)
+    direct = load_pair_list(pair_file, image_root=images)
+    assert by_name.name == direct.name and [p.pair_id for p in by_name] == [
+        p.pair_id for p in direct
+    ]
+    with pytest.raises(ValueError, match="needs its folder"):
+        load_dataset("cub", None, pairs_file=pair_file)
 
 
 def test_no_warnings_on_clean_loads(spair_root: Path, tmp_path: Path) -> None:

@@ -14,17 +14,15 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-import hyperfeatures.evaluate as evaluate_module
-from hyperfeatures.backbones import Backbone
+import hyperfeatures.evaluation.runner as runner_module
 from hyperfeatures.datasets import (
     ImageNotFoundError,
     KeypointPair,
     PairDataset,
     load_spair,
-    save_pair_list,
 )
 from hyperfeatures.datasets._testing import write_image, write_spair_fixture
-from hyperfeatures.evaluate import (
+from hyperfeatures.evaluation import (
     METHODS,
     DescriptorCache,
     EvalResult,
@@ -32,9 +30,9 @@ from hyperfeatures.evaluate import (
     create_method,
     evaluate,
     list_methods,
-    load_benchmark,
     match_pair,
 )
+from hyperfeatures.sources.backbones import Backbone
 from hyperfeatures.taps import TapError
 
 IMAGE_SIZE = (96, 64)  # (W, H) of the fixture images
@@ -273,6 +271,49 @@ def test_several_alphas_without_boxes(tmp_path: Path) -> None:
     assert "pck_img@0.05" in header and not any("bbox" in h for h in header)
 
 
+class SeededMethod(ConstantMethod):
+    """Seeded random descriptors per image: predictions land anywhere, so PCK is mixed."""
+
+    name = "seeded"
+
+    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+        maps = []
+        for image in images:
+            seed = int(np.asarray(image, dtype=np.int64).sum()) % 2**31
+            maps.append(torch.randn(6, 5, 7, generator=torch.Generator().manual_seed(seed)))
+        return torch.stack(maps)
+
+
+def test_pair_flags_and_accumulator_agree(spair: PairDataset, tmp_path: Path) -> None:
+    """The per-keypoint flags of each prediction and the accumulator's per-pair counts come
+    from one scoring: they must agree at every alpha, and match the distances."""
+    alphas = (0.05, 0.1, 0.2, 0.5)
+    result = evaluate(SeededMethod(), spair, alphas=alphas, load_size=32, progress=False)
+    records = result.accumulator.pairs
+    assert [r.pair_id for r in records] == [p.pair_id for p in result.predictions]
+    seen: set[int] = set()
+    for record, pred in zip(records, result.predictions, strict=True):
+        assert pred.correct_img.shape == pred.correct_bbox.shape == (4, len(pred.distances))
+        assert record.correct_img == tuple(int(n) for n in pred.correct_img.sum(axis=1))
+        assert record.correct_bbox == tuple(int(n) for n in pred.correct_bbox.sum(axis=1))
+        x1, y1, x2, y2 = pred.target_bbox
+        for i, alpha in enumerate(alphas):
+            limit_img = alpha * max(pred.target_size)
+            limit_bbox = alpha * max(x2 - x1, y2 - y1)
+            np.testing.assert_array_equal(pred.correct_img[i], pred.distances <= limit_img)
+            np.testing.assert_array_equal(pred.correct_bbox[i], pred.distances <= limit_bbox)
+        seen.update(record.correct_img)
+    assert len(seen) > 1  # not all-right or all-wrong: the check has teeth
+    # the files agree too: results.json counts == sums of predictions.json flags
+    written = result.write(tmp_path / "out")
+    counts = json.loads(written["results"].read_text())["pairs"]
+    flags = json.loads(written["predictions"].read_text())["pairs"]
+    for count, flag in zip(counts, flags, strict=True):
+        for kind in ("img", "bbox"):
+            sums = [sum(flag[f"correct_{kind}"][f"{a:g}"]) for a in alphas]
+            assert count[f"correct_{kind}"] == sums
+
+
 # --------------------------------------------------------------------------- the cache
 def test_each_image_is_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = write_spair_fixture(
@@ -282,13 +323,13 @@ def test_each_image_is_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     paths = {p.source_path for p in data} | {p.target_path for p in data}
     assert len(data) == 12 and len(paths) == 6  # each image is in 4 pairs
     loads: dict[str, int] = {}
-    real_load = evaluate_module.load_image
+    real_load = runner_module.load_image
 
     def counting_load(path: Any, **kwargs: Any) -> Image.Image:
         loads[str(path)] = loads.get(str(path), 0) + 1
         return real_load(path, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "load_image", counting_load)
+    monkeypatch.setattr(runner_module, "load_image", counting_load)
     method = ConstantMethod()
     result = evaluate(method, data, load_size=32, progress=False)
     assert sum(method.batches) == 6
@@ -427,28 +468,6 @@ def test_match_pair_checks_points(tmp_path: Path) -> None:
     assert scores.shape == (1,)
     with pytest.raises(ValueError, match="outside the source image"):
         match_pair(ConstantMethod(), img, img, [[96, 20]], load_size=32)
-
-
-# --------------------------------------------------------------------------- datasets
-def test_load_benchmark(spair_root: Path, tmp_path: Path) -> None:
-    data = load_benchmark("SPair-71k", spair_root.parent)
-    assert len(data) == 4 and "20pc" in data.name  # the 20-per-category protocol
-    one = load_benchmark("spair", spair_root, per_category=1)
-    assert one.category_counts() == {"bird": 1, "cat": 1}
-    every = load_benchmark("spair", spair_root, per_category=0)
-    assert len(every) == 4
-    pair_file = save_pair_list(every, tmp_path / "list.json", image_root=spair_root / "JPEGImages")
-    listed = load_benchmark("spair", spair_root, pairs_file=pair_file)
-    assert [p.pair_id for p in listed] == [p.pair_id for p in every]
-    np.testing.assert_array_equal(listed[0].target_points, every[0].target_points)
-    generic = load_benchmark("pair-list", spair_root / "JPEGImages", pairs_file=pair_file)
-    assert len(generic) == 4 and generic.name == "list"
-    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'.*spair, pf-pascal"):
-        load_benchmark("imagenet", tmp_path)
-    with pytest.raises(ValueError, match="--data-root"):
-        load_benchmark("spair", None)
-    with pytest.raises(FileNotFoundError, match="SPair-71k not found"):
-        load_benchmark("spair", tmp_path / "nowhere")
 
 
 def test_eval_result_write_refuses_a_file(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
-from hyperfeatures.backbones import Backbone
+from hyperfeatures.sources.backbones import Backbone
 from hyperfeatures.cli import app
 from hyperfeatures.datasets.images import load_image
 from hyperfeatures.pipeline import FeatureExtractor

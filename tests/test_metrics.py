@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hyperfeatures.metrics import (
+    PairFlags,
     PCKAccumulator,
     pck,
     threshold_from_bbox,
@@ -132,6 +133,46 @@ def test_invalid_keypoints_are_excluded():
     # a missing prediction for a valid keypoint counts as wrong: pair 2 img drops to 0/2
     missing = dict(PAIR2, pred=[[NAN, NAN], [44, 52]])
     assert _filled(PAIR1, missing).summary()["overall"]["pck_img@0.1"] == pytest.approx(50.0)
+
+
+def test_add_with_flags_counts_are_the_sums_of_its_flags():
+    # pair 1 plus a NaN ground truth and a keypoint hidden by the mask, at three alphas
+    alphas = (0.05, 0.1, 0.2)
+    pair = dict(PAIR1)
+    pair["pred"] = [*PAIR1["pred"], [0, 0], [190, 90]]
+    pair["gt"] = [*PAIR1["gt"], [NAN, NAN], [190, 90]]
+    pair["valid"] = [1, 1, 1, 1, 1, 0]
+    acc = PCKAccumulator(alphas)
+    scored = acc.add_with_flags(**pair, pair_id="p1")
+    assert isinstance(scored, PairFlags) and acc.pairs == (scored.record,)
+    assert scored.valid.tolist() == [True, True, True, True, False, False]
+    # flags: the hand-computed distances 5, 20, 30, 10; excluded keypoints are never correct
+    assert scored.correct_img.tolist() == [
+        [True, False, False, True, False, False],  # limit 10
+        [True, True, False, True, False, False],  # limit 20
+        [True, True, True, True, False, False],  # limit 40
+    ]
+    assert scored.correct_bbox.tolist() == [  # type: ignore[union-attr]
+        [False] * 6,  # limit 4
+        [True, False, False, False, False, False],  # limit 8
+        [True, False, False, True, False, False],  # limit 16
+    ]
+    keep = scored.valid
+    expected = pck(np.array(pair["pred"])[keep], np.array(pair["gt"])[keep], 200, alphas)
+    assert torch.equal(scored.correct_img[:, keep], expected)
+    for flags, counts in (
+        (scored.correct_img, scored.record.correct_img),
+        (scored.correct_bbox, scored.record.correct_bbox),
+    ):
+        assert counts == tuple(int(n) for n in flags.sum(dim=1))  # type: ignore[union-attr]
+    assert scored.record.keypoints == int(keep.sum()) == 4
+    # add() records exactly what add_with_flags() records
+    other = PCKAccumulator(alphas)
+    assert other.add(**pair, pair_id="p1") == scored.record
+    # no bbox: no bbox flags
+    plain = PCKAccumulator(alphas).add_with_flags(PAIR2["pred"], PAIR2["gt"], image_size=(100, 300))
+    assert plain.correct_bbox is None and plain.record.correct_bbox is None
+    assert plain.record.correct_img == (1, 1, 2)  # limits 15, 30, 60; distances 0, 40
 
 
 def test_pair_without_valid_keypoints_counts_only_as_a_pair():

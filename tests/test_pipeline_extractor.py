@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hyperfeatures.backbones import Backbone
-from hyperfeatures.diffusion import generation_timesteps
+from hyperfeatures.sources.backbones import Backbone
+from hyperfeatures.sources.diffusion import generation_timesteps
 from hyperfeatures.pipeline import ExtractionConfig, FeatureExtractor, preprocess_images
 from hyperfeatures.sinks import KeepAll
 from hyperfeatures.taps import TapError, capture

@@ -1,23 +1,38 @@
-"""Tests of the tap-event consumers: KeepAll, Fanout, DiskWriter and feature files."""
+"""Tests of the tap-event consumers (``hyperfeatures.sinks``: the ``Sink`` protocol,
+``as_sink``, KeepAll, Stack, Top1, Fanout, DiskWriter) and of the feature-file format
+(``hyperfeatures.cache``)."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from hyperfeatures.aggregation import AggregationNetwork
+from hyperfeatures.cache import (
+    feature_key,
+    parse_feature_key,
+    read_feature_file,
+    write_feature_file,
+)
+from hyperfeatures.config import Settings
+from hyperfeatures.correspond import resize_bilinear
 from hyperfeatures.sinks import (
     DiskWriter,
     Fanout,
     KeepAll,
     Sink,
-    feature_key,
-    read_feature_file,
-    resize_map,
+    Stack,
+    StreamingAggregator,
+    Top1,
+    as_sink,
 )
 
 
@@ -29,19 +44,89 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
 
+class _Recorder(Sink):
+    """Records every call, batch boundary and result request."""
+
+    def __init__(self, name: str = "r") -> None:
+        self.name = name
+        self.log: list[tuple[Any, ...]] = []
+
+    def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+        self.log.append(("event", step, tap, tuple(tensor.shape)))
+
+    def begin_batch(
+        self, keys: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None
+    ) -> None:
+        self.log.append(("begin", list(keys), metadata))
+
+    def end_batch(self) -> str:
+        self.log.append(("end",))
+        return f"{self.name}-end"
+
+    def result(self) -> str:
+        return f"{self.name}-result"
+
+
 # --------------------------------------------------------------------------- resizing
-def test_resize_map_is_bilinear_align_corners_false() -> None:
+def test_sink_resize_is_bilinear_align_corners_false() -> None:
+    """The sinks resize through ``correspond.resize_bilinear`` (was ``sinks.resize_map``)."""
     x = _map(3, 8, 8)
     expected = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
-    assert torch.equal(resize_map(x, 64), expected)
+    assert torch.equal(resize_bilinear(x, 64), expected)
     assert not torch.allclose(
-        resize_map(x, 64), F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=True)
+        resize_bilinear(x, 64),
+        F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=True),
     )
-    assert torch.equal(resize_map(x, (16, 32)), F.interpolate(x, size=(16, 32), mode="bilinear"))
-    assert resize_map(x, 8) is x
-    half = resize_map(x.half(), 16)
+    assert torch.equal(
+        resize_bilinear(x, (16, 32)), F.interpolate(x, size=(16, 32), mode="bilinear")
+    )
+    assert resize_bilinear(x, 8) is x
+    half = resize_bilinear(x.half(), 16)
     assert half.dtype == torch.float16
-    torch.testing.assert_close(half.float(), resize_map(x, 16), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(half.float(), resize_bilinear(x, 16), rtol=1e-2, atol=1e-2)
+    # ... and KeepAll / DiskWriter use exactly that resize, half precision included
+    keep = KeepAll(output_size=16)
+    keep(0, "t", x.half())
+    assert keep.maps[0]["t"].dtype == torch.float16
+    assert torch.equal(keep.maps[0]["t"], half)
+
+
+# --------------------------------------------------------------------------- protocol
+def test_sink_defaults_are_no_ops() -> None:
+    sink = Sink()
+    assert sink.begin_batch(["a"]) is None
+    assert sink.begin_batch(["a"], [{"source": "a.png"}]) is None
+    assert sink.end_batch() is None
+    assert sink.result() is None
+    with pytest.raises(NotImplementedError):
+        sink(0, "t", _map(1, 2, 2))
+
+    class Minimal(Sink):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, str]] = []
+
+        def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
+            self.seen.append((step, tap))
+
+    minimal = Minimal()  # only __call__: the hooks are inherited no-ops
+    minimal.begin_batch(["k"])
+    minimal(3, "t", _map(1, 2, 2))
+    assert minimal.end_batch() is None and minimal.result() is None
+    assert minimal.seen == [(3, "t")]
+
+
+def test_as_sink_wraps_functions_and_keeps_sinks() -> None:
+    keep = KeepAll()
+    assert as_sink(keep) is keep
+    calls: list[tuple[int, str, tuple[int, ...]]] = []
+    wrapped = as_sink(lambda step, tap, x: calls.append((step, tap, tuple(x.shape))))
+    assert isinstance(wrapped, Sink)
+    wrapped.begin_batch(["a", "b"])
+    wrapped(2, "t", _map(3, 4, 4))
+    assert wrapped.end_batch() is None and wrapped.result() is None
+    assert calls == [(2, "t", (2, 3, 4, 4))]
+    with pytest.raises(TypeError, match=r"sink\(step, tap, map\)"):
+        as_sink(42)  # type: ignore[arg-type]
 
 
 def test_keep_all_resizes_each_map() -> None:
@@ -90,7 +175,108 @@ def test_fanout_forwards_events_and_batches(tmp_path: Path) -> None:
     fan(1, "t", _map(2, 3, 3, batch=1))
     written = fan.end_batch()
     assert torch.equal(keep.maps[1]["t"], _map(2, 3, 3, batch=1))
-    assert written == [[tmp_path / "x.safetensors"]]
+    assert written == [None, [tmp_path / "x.safetensors"]]  # one entry per sink
+    assert fan.result() == [None, None]
+
+
+def test_fanout_forwards_begin_end_and_result_to_each_sink() -> None:
+    first, second = _Recorder("a"), _Recorder("b")
+    plain: list[int] = []
+    fan = Fanout(first, second, lambda step, tap, x: plain.append(step))
+    assert isinstance(fan, Sink) and len(fan.sinks) == 3
+    meta = [{"source": "k.png"}]
+    fan.begin_batch(["k"], meta)
+    fan(0, "t", _map(2, 2, 2, batch=1))
+    fan(5, "u", _map(1, 4, 4, batch=1))
+    assert fan.end_batch() == ["a-end", "b-end", None]
+    assert fan.result() == ["a-result", "b-result", None]
+    expected = [
+        ("begin", ["k"], meta),
+        ("event", 0, "t", (1, 2, 2, 2)),
+        ("event", 5, "u", (1, 1, 4, 4)),
+        ("end",),
+    ]
+    assert first.log == expected and second.log == expected
+    assert plain == [0, 5]
+    nested = Fanout(Fanout(first))  # a fanout is a sink too
+    nested.begin_batch(["z"])
+    assert first.log[-1] == ("begin", ["z"], None)
+
+
+# --------------------------------------------------------------------------- descriptor heads
+def test_stack_concatenates_timestep_major_in_the_given_order() -> None:
+    stack = Stack(["b", "a"], [9, 0], output_size=4)
+    assert isinstance(stack, Sink)
+    for step in (0, 9):  # arrival order does not matter
+        for tap_index, tap in enumerate(("a", "b")):
+            stack(step, tap, torch.full((1, 1, 2, 2), 10.0 * step + tap_index))
+    out = stack.result()
+    assert out.shape == (1, 4, 4, 4) and out.dtype == torch.float32
+    assert out[0, :, 0, 0].tolist() == [91.0, 90.0, 1.0, 0.0]  # (9,b) (9,a) (0,b) (0,a)
+    # resized bilinearly; native sizes kept without output_size (float32 out)
+    x = _map(3, 2, 2, batch=1)
+    resized = Stack(["t"], [0], output_size=8)
+    resized(0, "t", x)
+    assert torch.equal(resized.result(), resize_bilinear(x, 8))
+    native = Stack(["t"], [0])
+    native(0, "t", x.half())
+    assert native.result().dtype == torch.float32 and native.result().shape == (1, 3, 2, 2)
+    # begin_batch starts afresh; a missing map is named
+    stack.begin_batch(["next"])
+    stack(9, "a", torch.zeros(1, 1, 2, 2))
+    with pytest.raises(KeyError, match="no map for 'b'"):
+        stack.result()
+    stack.begin_batch()
+    with pytest.raises(KeyError, match="no map for 9"):
+        stack.result()
+
+
+def _top1_net() -> AggregationNetwork:
+    settings = Settings(model="tiny-sd", taps=["a", "b"], num_steps=4, steps=[0, 3])
+    net = AggregationNetwork(
+        settings, [8, 16], projection_dim=32, num_norm_groups=8, output_size=8
+    ).eval()
+    with torch.no_grad():
+        net.mixing_weights.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0]))  # step 3, tap b
+    return net
+
+
+def test_top1_keeps_only_its_pair() -> None:
+    net = _top1_net()
+    raw = Top1(net, (3, "b"), raw=True)
+    bott = Top1(net, (3, "b"), raw=False)
+    assert isinstance(raw, Sink)
+    x = _map(16, 4, 4, batch=2, seed=5)
+    with torch.no_grad():
+        for sink in (raw, bott):
+            sink.begin_batch(["p", "q"])
+            sink(0, "a", _map(8, 4, 4))  # other pairs are ignored
+            sink(3, "a", _map(8, 4, 4))
+            sink(3, "b", x.half())
+            sink(0, "b", _map(16, 4, 4, seed=9))
+        got_raw, got_bott = raw.result(), bott.result()
+        expected_bott = net.project("b", x.half())
+    assert got_raw.shape == (2, 16, 8, 8) and got_raw.dtype == torch.float32
+    assert torch.equal(got_raw, resize_bilinear(x.half().float(), 8))
+    assert got_bott.shape == (2, 32, 8, 8)
+    torch.testing.assert_close(got_bott, expected_bott)
+    raw.begin_batch(["next"])
+    with pytest.raises(ValueError, match=r"\(3, 'b'\) never arrived"):
+        raw.result()
+
+
+def test_streaming_aggregator_resets_at_each_batch() -> None:
+    net = _top1_net()
+    maps = {
+        (s, t): _map(c, 4, 4, batch=1, seed=s + c) for s in (0, 3) for t, c in (("a", 8), ("b", 16))
+    }
+    stream = StreamingAggregator(net)
+    with torch.no_grad():
+        for _ in range(2):  # a second batch: begin_batch forgets the first
+            stream.begin_batch(["k"])
+            for (s, t), x in maps.items():
+                stream(s, t, x)
+            torch.testing.assert_close(stream.result(), net(maps), atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- disk
@@ -180,6 +366,66 @@ def test_disk_writer_errors(tmp_path: Path) -> None:
     writer.begin_batch(["only-one"])
     with pytest.raises(ValueError, match="batch of 2 maps for 1 images"):
         writer(0, "t", _map(1, 2, 2, batch=2))
+
+
+def test_feature_key_round_trip() -> None:
+    for step, tap in [(0, "up_blocks.1.resnets.0"), (49, "x:q"), (3, "a/b")]:
+        key = feature_key(step, tap)
+        assert parse_feature_key(key) == (step, tap)
+    assert feature_key(7, "t") == "step_7/t"
+    for bad in ("weights", "step_/t", "step_x/t", "step_3/", "3/t"):
+        with pytest.raises(ValueError):
+            parse_feature_key(bad)
+    with pytest.raises(ValueError, match="step_<k>/<tap>"):
+        parse_feature_key("weights")
+
+
+def test_feature_file_round_trip(tmp_path: Path) -> None:
+    settings = Settings(model="tiny-sd", taps=["t", "u"], num_steps=4, steps="all")
+    tensors = {
+        feature_key(0, "t"): _map(3, 2, 2, batch=1)[0],
+        feature_key(3, "t"): _map(3, 2, 2, batch=1, seed=1)[0],
+        feature_key(3, "u"): _map(5, 4, 4, batch=1, seed=2)[0].half(),
+        # non-contiguous input is stored fine
+        feature_key(1, "u"): _map(5, 4, 4, batch=1, seed=3)[0].transpose(1, 2),
+    }
+    meta = {"settings": settings.to_dict(), "source": "a.png", "size": [64, 48], "ok": True}
+    path = write_feature_file(tmp_path / "sub" / "a.safetensors", tensors, meta)
+    assert path == tmp_path / "sub" / "a.safetensors"
+    assert [p.name for p in path.parent.iterdir()] == ["a.safetensors"]  # no temp file
+    maps, back = read_feature_file(path)
+    assert sorted(maps) == [0, 1, 3]
+    for key, t in tensors.items():
+        step, tap = parse_feature_key(key)
+        assert maps[step][tap].dtype == t.dtype
+        assert torch.equal(maps[step][tap], t)
+    assert back == meta  # JSON values decoded, strings kept
+    assert Settings.from_dict(back["settings"]) == settings
+    with safetensors.safe_open(str(path), framework="pt") as raw:
+        stored = raw.metadata()
+    assert stored["settings"] == json.dumps(settings.to_dict())
+    assert stored["source"] == "a.png"  # strings are stored as they are
+    only, _ = read_feature_file(path, steps=[3], taps=["u"])
+    assert list(only) == [3] and list(only[3]) == ["u"]
+    nothing, meta_only = read_feature_file(path, steps=[], taps=[])
+    assert nothing == {} and meta_only == meta
+    empty = write_feature_file(
+        tmp_path / "empty.safetensors", {feature_key(0, "t"): torch.zeros(1)}
+    )
+    assert read_feature_file(empty)[1] == {}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cache.py read_feature_file JSON-decodes every metadata string, so a string "
+    "value that parses as JSON ('42', 'true', 'null') comes back as int/bool/None",
+)
+def test_feature_file_string_metadata_round_trips(tmp_path: Path) -> None:
+    meta = {"prompt": "42", "flag": "true", "nothing": "null", "list": "[1]"}
+    path = write_feature_file(
+        tmp_path / "m.safetensors", {feature_key(0, "t"): torch.ones(1)}, meta
+    )
+    assert read_feature_file(path)[1] == meta
 
 
 def test_read_feature_file_errors(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperfeatures.backbones import load_backbone
+from hyperfeatures.sources.backbones import load_backbone
 from hyperfeatures.pipeline import FeatureExtractor, HyperfeaturePipeline, untrained_network
 
 pytestmark = pytest.mark.slow

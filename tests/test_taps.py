@@ -17,7 +17,8 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.upsampling import Upsample2D
 from torch import nn
 
-from hyperfeatures.backbones import Backbone, Conditioning, unet_architecture
+from hyperfeatures.sources.architectures import unet_architecture
+from hyperfeatures.sources.backbones import Backbone, Conditioning
 from hyperfeatures.taps import (
     PRESETS,
     TapError,

@@ -242,7 +242,7 @@ def _user_warnings(caught: list[warnings.WarningMessage]) -> None:
 
 def _create_method(name: str, **kwargs: Any) -> Any:
     """``evaluate.create_method`` with library warnings shown as one ``warning:`` line each."""
-    from .evaluate import create_method
+    from .evaluation import create_method
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -396,14 +396,15 @@ def eval_command(
     ] = False,
 ) -> None:
     """Benchmark a method on a keypoint dataset: PCK@alpha per category (the paper's protocol)."""
-    from .evaluate import evaluate, load_benchmark, method_spec
+    from .datasets import load_dataset
+    from .evaluation import evaluate, method_spec
 
     try:
         method_spec(method)
         alphas = _parse_alphas(alpha)
         if figures < 0:
             raise ValueError(f"--figures must be >= 0, got {figures}")
-        data = load_benchmark(
+        data = load_dataset(
             dataset,
             data_root,
             split=split,
@@ -477,7 +478,7 @@ def match_command(
 ) -> None:
     """Transfer points from a source image to a target image and draw the matches."""
     from .datasets import load_image
-    from .evaluate import match_pair, method_spec
+    from .evaluation import match_pair, method_spec
     from .viz import plot_correspondences
 
     try:

@@ -14,8 +14,10 @@ field               default     meaning
 ``model``           ``"sd15"``  feature source: a registry name (``sd15``, ``sd21``, ``sdxl``,
                                 ``dino-vits8``, ``dinov2-vitb14``, ``tiny-*``), a hub id or a
                                 local folder (see :mod:`hyperfeatures.sources`)
-``taps``            ``"dhf"``   a preset name or tap names (``hyperfeatures layers`` lists
-                                them); ``dhf`` = the paper's 12 decoder ResNet layers
+``taps``            default     a preset name or tap names (``hyperfeatures layers`` lists
+                                them); ``default`` = the source's own: for diffusion models
+                                ``dhf``, the paper's 12 decoder ResNet layers; for DINO block
+                                9 keys, for DINOv2 block 11 tokens
 ``num_steps``       ``50``      T, the number of DDIM steps of the diffusion process
                                 (1 = one-step; ViT and module sources have T = 1)
 ``steps``           every:5     the steps whose features are kept, parsed into a sorted
@@ -139,7 +141,7 @@ def _as_step(value: Any) -> int:
 
 _FIX = {
     "model": "a registry name (sd15, sd21, sdxl, dino-vits8, tiny-sd ...), a hub id or a folder",
-    "taps": "a preset name (dhf, layer-4, ...) or a list of tap names from `hyperfeatures layers`",
+    "taps": "a preset name (default, dhf, layer-4, ...) or tap names from `hyperfeatures layers`",
     "num_steps": "an integer T in 1..1000 (50 in the paper, 1 = one-step)",
     "steps": "'all', 'every:N', 'first:K', '0,4,9' or a list of integers below num_steps",
     "image_size": f"an integer number of pixels in 8..{MAX_SIZE}, or null for the default",
@@ -169,7 +171,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
     model: str = Field("sd15", description=_FIX["model"])
-    taps: str | tuple[str, ...] = Field("dhf", description=_FIX["taps"])
+    taps: str | tuple[str, ...] = Field("default", description=_FIX["taps"])
     num_steps: int = Field(50, ge=1, le=1000, description=_FIX["num_steps"])
     steps: tuple[int, ...] = Field(description=_FIX["steps"])
     image_size: int | None = Field(None, ge=8, le=MAX_SIZE, description=_FIX["image_size"])

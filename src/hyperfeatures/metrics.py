@@ -33,6 +33,7 @@ from ._io import atomic_write_text
 
 __all__ = [
     "PCKAccumulator",
+    "PairFlags",
     "PairResult",
     "pck",
     "threshold_from_bbox",
@@ -213,6 +214,27 @@ class PairResult:
     correct_bbox: tuple[int, ...] | None
 
 
+@dataclass(frozen=True)
+class PairFlags:
+    """One pair as scored by :meth:`PCKAccumulator.add_with_flags`: the counts it recorded and
+    the per-keypoint flags they were summed from.
+
+    Attributes:
+        record: the :class:`PairResult` recorded; ``record.correct_img[a]`` is
+            ``int(correct_img[a].sum())`` (the same for ``bbox``).
+        correct_img: ``(A, N)`` CPU bool tensor over all N keypoints given: keypoint ``n`` is
+            correct at alpha ``a`` with the image threshold. Excluded keypoints (non-finite
+            ground truth, or ``valid`` False) are False.
+        correct_bbox: the same with the bbox threshold (None without a bbox).
+        valid: ``(N,)`` CPU bool tensor, the keypoints that were scored.
+    """
+
+    record: PairResult
+    correct_img: torch.Tensor
+    correct_bbox: torch.Tensor | None
+    valid: torch.Tensor
+
+
 class PCKAccumulator:
     """Collects per-pair PCK counts and summarises them per category and overall.
 
@@ -272,7 +294,36 @@ class PCKAccumulator:
             valid: optional ``(N,)`` visibility mask (bool or 0/1); False excludes a keypoint.
 
         Returns:
-            The :class:`PairResult` recorded.
+            The :class:`PairResult` recorded (:meth:`add_with_flags` also gives the
+            per-keypoint flags it was counted from).
+        """
+        return self.add_with_flags(
+            pred,
+            gt,
+            image_size=image_size,
+            bbox=bbox,
+            category=category,
+            pair_id=pair_id,
+            valid=valid,
+        ).record
+
+    def add_with_flags(
+        self,
+        pred: ArrayLike,
+        gt: ArrayLike,
+        *,
+        image_size: Sequence[float],
+        bbox: Sequence[float] | None = None,
+        category: str | None = None,
+        pair_id: Hashable | None = None,
+        valid: ArrayLike | None = None,
+    ) -> PairFlags:
+        """Score one image pair like :meth:`add` (same arguments, same record), and also
+        return the per-keypoint correctness flags the record's counts were summed from.
+
+        Returns:
+            A :class:`PairFlags`: the :class:`PairResult` recorded and the ``(A, N)`` flags its
+            counts are the sums of (scored once, so the two cannot disagree).
         """
         p = _as_points(pred, "pred")
         g = _as_points(gt, "gt")
@@ -304,22 +355,23 @@ class PCKAccumulator:
         if pair_id in self._ids:
             raise ValueError(f"pair_id {pair_id!r} was already added; pair ids must be unique")
 
-        p, g = p[keep], g[keep]
-        correct_img = pck(p, g, threshold_from_image(image_size), self.alphas).sum(dim=1)
-        correct_bbox = None
+        # Flags over all N keypoints, excluded ones forced False; the counts are their sums.
+        flags_img = pck(p, g, threshold_from_image(image_size), self.alphas) & keep
+        flags_bbox = counts_bbox = None
         if bbox is not None:
-            correct_bbox = pck(p, g, threshold_from_bbox(bbox), self.alphas).sum(dim=1)
+            flags_bbox = pck(p, g, threshold_from_bbox(bbox), self.alphas) & keep
+            counts_bbox = tuple(int(c) for c in flags_bbox.sum(dim=1))
         record = PairResult(
             pair_id=pair_id,
             category=category,
             keypoints=int(keep.sum()),
-            correct_img=tuple(int(c) for c in correct_img),
-            correct_bbox=None if correct_bbox is None else tuple(int(c) for c in correct_bbox),
+            correct_img=tuple(int(c) for c in flags_img.sum(dim=1)),
+            correct_bbox=counts_bbox,
         )
         self._pairs.append(record)
         self._ids.add(pair_id)
         self._has_bbox = has_bbox
-        return record
+        return PairFlags(record, flags_img, flags_bbox, keep)
 
     # ------------------------------------------------------------------ summaries
 

@@ -243,6 +243,7 @@ def _preset_extended(cat: Mapping[str, tuple[str, int]]) -> list[str]:
 
 
 PRESETS: dict[str, tuple[Callable[[Mapping[str, tuple[str, int]]], list[str]], str]] = {
+    "default": (_preset_dhf, "the default of diffusion sources: the same layers as dhf"),
     "dhf": (_preset_dhf, "the paper's layers: residual branch of every decoder ResNet block"),
     "layer-4": (_preset_layer4, "paper Layer 4 alone (the 4th decoder ResNet block)"),
     "concat-all": (_preset_dhf, "the same decoder ResNet layers, for the SD-Concat-All baseline"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from .cub import CUB_NUM_PARTS, load_cub
 from .images import (
@@ -66,8 +66,9 @@ __all__ = [
     "save_pair_list",
 ]
 
-#: Dataset name -> loader. Every loader takes the dataset folder (the pair-list JSON file for
-#: ``"pair-list"``) as first argument and returns a :class:`PairDataset`.
+#: Dataset name -> loader, in the order :func:`list_datasets` gives them. Every loader takes
+#: the dataset folder (the pair-list JSON file for ``"pair-list"``) as first argument and
+#: returns a :class:`PairDataset`; :func:`load_dataset` calls them with the paper's settings.
 DATASETS: dict[str, Callable[..., PairDataset]] = {
     "spair": load_spair,
     "pf-pascal": load_pf_pascal,
@@ -88,24 +89,100 @@ _ALIASES = {
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
-    return sorted(DATASETS)
+    return list(DATASETS)
 
 
-def load_dataset(name: str, root: str | os.PathLike[str], **kwargs: Any) -> PairDataset:
-    """Load a dataset by name: ``load_dataset("spair", "/data/SPair-71k", split="test")``.
-
-    Args:
-        name: one of :func:`list_datasets` (case, ``_`` / ``-`` and spellings such as
-            ``"SPair-71k"`` or ``"CUB_200_2011"`` are accepted).
-        root: the dataset folder (or its parent); for ``"pair-list"`` the JSON file.
-        **kwargs: passed to the loader (``split``, ``per_category``, ``seed``, ...).
-
-    Raises:
-        ValueError: unknown name (the message lists the valid ones).
-    """
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
+def _resolve_name(name: str) -> str:
+    """A dataset name in any spelling (``"SPair-71k"``, ``"PF_PASCAL"``) -> its registry name."""
+    key = re.sub(r"[^a-z0-9]", "", str(name).lower())
     canonical = {re.sub(r"[^a-z0-9]", "", k): k for k in DATASETS}
     resolved = canonical.get(key) or _ALIASES.get(key)
     if resolved is None:
-        raise ValueError(f"unknown dataset {name!r}; choose from {list_datasets()}.")
-    return DATASETS[resolved](root, **kwargs)
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(list_datasets())}")
+    return resolved
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike[str] | None,
+    *,
+    split: str = "test",
+    pairs_file: str | os.PathLike[str] | None = None,
+    per_category: int | None = None,
+    seed: int = 0,
+) -> PairDataset:
+    """Load a dataset's evaluation pairs the way the paper's tables use them.
+
+    ============  ==========================================================================
+    name          pairs
+    ============  ==========================================================================
+    spair         ``split`` (test), ``per_category`` pairs per category (default 20: the
+                  360-pair protocol, our seeded draw); ``pairs_file``: a pair-list JSON such
+                  as the original ``spair_71k_test-360.json``, image paths relative to
+                  ``<root>/JPEGImages``
+    pf-pascal     every pair of ``split`` (``per_category``: a seeded subsample)
+    pf-willow     every pair (``split`` is ignored)
+    cub           360 seeded pairs of ``split`` (``val`` / ``test``: the official test images),
+                  or the pairs of ``pairs_file`` (JSON or text, see ``load_cub``)
+    pair-list     the pair-list JSON ``pairs_file`` (or ``root`` if it is the file); relative
+                  image paths against ``root`` (a folder) or the JSON's folder
+    ============  ==========================================================================
+
+    Example: ``load_dataset("spair", "/data/SPair-71k", split="test")``. For other loader
+    options (``categories`` ...) call the loader itself (:func:`load_spair`, ...).
+
+    Args:
+        name: one of :func:`list_datasets` (case, ``_`` / ``-`` and spellings such as
+            ``"SPair-71k"``, ``"PF_PASCAL"`` or ``"CUB_200_2011"`` are accepted).
+        root: the dataset folder (``--data-root``) or its parent; for ``"pair-list"`` the
+            folder the image paths are relative to, or the JSON file itself.
+        split: dataset split.
+        pairs_file: fixed pair list instead of the loader's own pairs.
+        per_category: pairs drawn per category (seeded); ``0`` keeps every pair. A draw made
+            here (not by the SPair loader) appends ``-<n>pc-seed<seed>`` to the name.
+        seed: sampling seed.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), bad options.
+        DatasetNotFoundError / ImageNotFoundError / AnnotationError: from the loaders; they
+            name the file and the fix.
+    """
+    key = _resolve_name(name)
+    if per_category is not None and (
+        isinstance(per_category, bool) or not isinstance(per_category, int) or per_category < 0
+    ):
+        raise ValueError(f"per_category must be a non-negative integer, got {per_category!r}")
+    if root is None and not (key == "pair-list" and pairs_file is not None):
+        raise ValueError(f"dataset {key!r} needs its folder: pass --data-root DIR (root=...)")
+    base = Path(root).expanduser() if root is not None else None
+    pairs_path = Path(pairs_file).expanduser() if pairs_file is not None else None
+    subsample = per_category or None  # 0 -> keep everything
+
+    if key == "spair":
+        if pairs_path is None:
+            count = 20 if per_category is None else subsample
+            return load_spair(base, split=split, per_category=count, seed=seed)  # type: ignore[arg-type]
+        assert base is not None
+        image_root = next(
+            (p for p in (base / "JPEGImages", base / "SPair-71k" / "JPEGImages") if p.is_dir()),
+            base,
+        )
+        data = load_pair_list(pairs_path, image_root=image_root, name=f"spair-{pairs_path.stem}")
+    elif key == "cub":
+        data = load_cub(base, split=split, seed=seed, pair_file=pairs_path)  # type: ignore[arg-type]
+    elif key == "pair-list":
+        if pairs_path is None:
+            assert base is not None
+            pairs_path, base = base, None
+        data = load_pair_list(pairs_path, image_root=base)
+    elif pairs_path is not None:
+        data = load_pair_list(pairs_path, image_root=base, name=f"{key}-{pairs_path.stem}")
+    elif key == "pf-pascal":
+        data = load_pf_pascal(base, split=split)  # type: ignore[arg-type]
+    else:
+        data = load_pf_willow(base)  # type: ignore[arg-type]
+    if subsample:
+        label = f"{data.name}-{subsample}pc-seed{seed}"
+        data = data.subsample(subsample, seed=seed)
+        data.name = label
+    return data

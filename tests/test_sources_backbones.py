@@ -1,4 +1,9 @@
-"""Tests of the backbone registry and loaders (tiny random-weight models, local folders only)."""
+"""Tests of the diffusion source's loaders and modules (tiny random-weight models, local
+folders only): ``hyperfeatures.sources.backbones`` and ``hyperfeatures.sources.architectures``.
+
+The registry itself, ``load_source``, the hub helpers and ``Backbone.run`` as a
+:class:`~hyperfeatures.sources.base.FeatureSource` are tested in ``test_sources_registry.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,12 @@ import pytest
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from hyperfeatures.backbones import (
-    BACKBONES,
-    Backbone,
-    BackboneNotFoundError,
-    list_backbones,
-    load_backbone,
-    offline_tokenizer,
-    resolve_dtype,
-    unet_architecture,
-)
+from hyperfeatures.config import Settings, SettingsError
+from hyperfeatures.sources.architectures import offline_tokenizer, unet_architecture
+from hyperfeatures.sources.backbones import Backbone, load_backbone, preprocess_images
+from hyperfeatures.sources.hub import WeightsNotFoundError
+from hyperfeatures.sources.registry import SOURCES, list_sources
+from hyperfeatures.taps import TapError
 
 
 def _unet_out(backbone: Backbone, seed: int = 0) -> torch.Tensor:
@@ -63,10 +64,11 @@ def _save_folder(backbone: Backbone, folder: Path, scheduler: dict | None = None
 
 # --------------------------------------------------------------------------- registry
 def test_registry_names() -> None:
-    assert [s.name for s in list_backbones()] == ["sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl"]
-    assert BACKBONES["sd15"].image_size == 512 and BACKBONES["sdxl"].image_size == 1024
-    assert BACKBONES["sdxl"].family == "sdxl" and BACKBONES["sd21"].family == "sd"
-    assert BACKBONES["tiny-sd"].hub_id is None
+    names = [s.name for s in list_sources("diffusion")]
+    assert names == ["sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl"]
+    assert SOURCES["sd15"].image_size == 512 and SOURCES["sdxl"].image_size == 1024
+    assert SOURCES["sdxl"].family == "sdxl" and SOURCES["sd21"].family == "sd"
+    assert SOURCES["tiny-sd"].hub_id is None and SOURCES["tiny-sd"].random_weights
 
 
 def test_tiny_sd_structure(tiny_sd: Backbone) -> None:
@@ -82,7 +84,8 @@ def test_tiny_sd_structure(tiny_sd: Backbone) -> None:
     assert len(tiny_sd.text_encoders) == len(tiny_sd.tokenizers) == 1
     assert tiny_sd.latent_factor == 8
     assert tiny_sd.scaling_factor == pytest.approx(0.18215)
-    assert tiny_sd.image_size == 64
+    assert tiny_sd.default_image_size == 64
+    assert tiny_sd.image_size(Settings(model="tiny-sd")) == 64
     assert tiny_sd.dtype == tiny_sd.vae_dtype == torch.float32
     assert not unet.training
     assert not any(p.requires_grad for p in unet.parameters())
@@ -201,16 +204,11 @@ def test_bf16_forward() -> None:
     assert load_backbone("tiny-sdxl", dtype="fp16").vae_dtype == torch.float32
 
 
-def test_resolve_dtype() -> None:
-    assert resolve_dtype(None) == torch.float32
-    assert resolve_dtype("fp32") == torch.float32
-    assert resolve_dtype("fp16") == torch.float16
-    assert resolve_dtype("bf16") == torch.bfloat16
-    assert resolve_dtype(torch.float16) == torch.float16
-    with pytest.raises(ValueError, match="fp32, fp16, bf16"):
-        resolve_dtype("int8")
-    with pytest.raises(ValueError, match="fp64"):
+def test_load_backbone_refuses_an_unknown_dtype() -> None:
+    # resolve_dtype itself (now in sources.base) is tested in test_sources_registry.py
+    with pytest.raises(ValueError, match="fp64") as info:
         load_backbone("tiny-sd", dtype="fp64")
+    assert "fp32, fp16, bf16" in str(info.value)
 
 
 def test_encode_decode_images(tiny_sd: Backbone) -> None:
@@ -225,6 +223,74 @@ def test_encode_decode_images(tiny_sd: Backbone) -> None:
     decoded = tiny_sd.decode_latents(mean)
     assert decoded.shape == (2, 3, 64, 64) and decoded.dtype == torch.float32
     assert decoded.min() >= 0 and decoded.max() <= 1
+
+
+# --------------------------------------------------------------------------- the source's facts
+def test_backbone_facts_follow_the_settings(tiny_sd: Backbone) -> None:
+    assert tiny_sd.kind == "diffusion" and not tiny_sd.one_step
+    assert tiny_sd.image_size(Settings(model="tiny-sd", image_size=128)) == 128
+    assert tiny_sd.latent_size(Settings(model="tiny-sd")) == 8
+    assert tiny_sd.latent_size(Settings(model="tiny-sd", image_size=128)) == 16
+    assert tiny_sd.describe() == {
+        "model": "tiny-sd",
+        "kind": "diffusion",
+        "device": "cpu",
+        "dtype": "float32",
+        "family": "sd",
+    }
+    assert "tiny-sd" in repr(tiny_sd) and "image_size=64" in repr(tiny_sd)
+
+
+def test_backbone_list_and_resolve_taps(tiny_sd: Backbone) -> None:
+    default = {i.name: i for i in tiny_sd.list_taps()}
+    assert list(default) == [i.name for i in tiny_sd.list_taps(64)]
+    assert default["up_blocks.3.resnets.2"].size == (8, 8)  # latent side 64 / 8
+    assert default["up_blocks.1.resnets.0"].size == (2, 2)
+    bigger = {i.name: i for i in tiny_sd.list_taps(128)}
+    assert bigger["up_blocks.3.resnets.2"].size == (16, 16)
+    assert bigger["up_blocks.3.resnets.2"].channels == default["up_blocks.3.resnets.2"].channels
+    with pytest.raises(SettingsError, match="multiple of"):
+        tiny_sd.list_taps(60)
+    dhf = tiny_sd.resolve_taps("dhf")
+    assert dhf == [f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)]
+    assert tiny_sd.resolve_taps(["layer-4", "up_blocks.2.upsamplers.0"]) == [
+        "up_blocks.1.resnets.0",
+        "up_blocks.2.upsamplers.0",
+    ]
+    assert set(tiny_sd.presets()) == {"dhf", "layer-4", "concat-all", "attention", "extended"}
+    assert all(isinstance(d, str) and d for d in tiny_sd.presets().values())
+    with pytest.raises(TapError, match=r"up_blocks\.1\.resnets\.0"):
+        tiny_sd.resolve_taps(["up_blocks.1.resnet.0"])
+
+
+def test_preprocess_and_encode_follow_the_settings(tiny_sd: Backbone) -> None:
+    images = torch.rand(3, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    settings = Settings(model="tiny-sd", load_size=32)
+    x = tiny_sd.preprocess(images, settings)
+    assert x.shape == (3, 3, 64, 64) and x.dtype == torch.float32
+    assert torch.equal(x, preprocess_images(images, image_size=64, load_size=32))
+    assert not torch.allclose(x, preprocess_images(images, image_size=64), atol=1e-3)
+    assert x.min() >= -1 and x.max() <= 1
+    mean = tiny_sd.encode(images, settings)
+    assert torch.equal(mean, tiny_sd.encode_images(x))
+    assert mean.shape == (3, 4, 8, 8)
+    # posterior samples: item i is seeded with seed + first_index + i, whatever the batch
+    sample = settings.replace(posterior="sample", seed=3)
+    batch = tiny_sd.encode(images, sample)
+    alone = tiny_sd.encode(images[2:], sample, first_index=2)
+    torch.testing.assert_close(alone[0], batch[2])
+    assert not torch.allclose(batch, mean, atol=1e-4)
+    assert not torch.allclose(tiny_sd.encode(images[2:], sample)[0], batch[2], atol=1e-4)
+
+
+def test_initial_noise_is_seeded_per_item(tiny_sd: Backbone) -> None:
+    settings = Settings(model="tiny-sd", seed=7)
+    noise = tiny_sd.initial_noise(3, settings)
+    assert noise.shape == (3, 4, 8, 8) and noise.device == tiny_sd.device
+    assert torch.equal(tiny_sd.initial_noise(3, settings), noise)
+    assert torch.equal(tiny_sd.initial_noise(1, settings, first_index=2)[0], noise[2])
+    assert torch.equal(tiny_sd.initial_noise(1, settings.replace(seed=9))[0], noise[2])
+    assert tiny_sd.initial_noise(1, settings.replace(image_size=128)).shape == (1, 4, 16, 16)
 
 
 # --------------------------------------------------------------------------- missing weights
@@ -243,34 +309,34 @@ def empty_hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_missing_weights_error(empty_hf_cache: Path) -> None:
-    with pytest.raises(BackboneNotFoundError) as info:
+    with pytest.raises(WeightsNotFoundError) as info:
         load_backbone("sd15")
     message = str(info.value)
     assert str(empty_hf_cache) in message
     assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
     assert "--model-path" in message and "HF_HUB_OFFLINE=1" in message
     assert isinstance(info.value, FileNotFoundError)
-    with pytest.raises(BackboneNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(WeightsNotFoundError, match="huggingface-cli download"):
         load_backbone("someone/some-model")
-    with pytest.raises(BackboneNotFoundError, match="someone/some-model"):
+    with pytest.raises(WeightsNotFoundError, match="someone/some-model"):
         unet_architecture("someone/some-model")
 
 
 def test_model_path_that_is_not_a_folder(tmp_path: Path) -> None:
-    with pytest.raises(BackboneNotFoundError, match="not a folder"):
+    with pytest.raises(WeightsNotFoundError, match="not a folder"):
         load_backbone("sd15", model_path=tmp_path / "missing")
 
 
 def test_incomplete_local_folder(tmp_path: Path, tiny_sd: Backbone) -> None:
     tiny_sd.unet.save_pretrained(tmp_path / "model" / "unet")  # no vae/, text_encoder/ ...
-    with pytest.raises(BackboneNotFoundError, match="local folder"):
+    with pytest.raises(WeightsNotFoundError, match="local folder"):
         load_backbone(str(tmp_path / "model"))
 
 
 def test_unknown_name() -> None:
     with pytest.raises(ValueError, match="sd15") as info:
         load_backbone("stable-diffusion")
-    assert not isinstance(info.value, BackboneNotFoundError)
+    assert not isinstance(info.value, WeightsNotFoundError)
     with pytest.raises(ValueError, match="random weights exist for"):
         load_backbone("tiny-nope")
     with pytest.raises(ValueError, match="random weights exist for"):
@@ -283,7 +349,7 @@ def test_local_folder_loads_and_matches(tmp_path: Path, tiny_sd: Backbone) -> No
     loaded = load_backbone(str(folder))
     assert loaded.family == "sd"
     assert loaded.name == str(folder)
-    assert loaded.image_size == 64  # from the VAE config
+    assert loaded.default_image_size == 64  # from the VAE config
     assert loaded.scheduler_config["steps_offset"] == 1
     assert loaded.prediction_type == "epsilon"
     assert loaded.scaling_factor == pytest.approx(0.18215)
@@ -311,7 +377,7 @@ def test_model_path_uses_registry_facts(tmp_path: Path, tiny_sd: Backbone) -> No
     )
     loaded = load_backbone("sd15", model_path=folder)
     assert loaded.name == "sd15"
-    assert loaded.image_size == 512  # the registry entry's, not the folder's VAE
+    assert loaded.default_image_size == 512  # the registry entry's, not the folder's VAE
     assert loaded.prediction_type == "v_prediction"  # read from the folder's scheduler
     _assert_same_unet(loaded, tiny_sd)
 

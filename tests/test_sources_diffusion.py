@@ -1,8 +1,10 @@
-"""Tests of the DDIM grid, moves, inversion/generation loops and step naming (REFERENCE 1).
+"""Tests of the DDIM grid, moves, inversion/generation loops, step naming and the wiring of
+taps to steps (``hyperfeatures.sources.diffusion``; REFERENCE 1).
 
 Most loop tests run on small analytic "UNets" (modules with the UNet call signature) so that
 the numbers can be checked against closed forms and against diffusers' own DDIM scheduler;
-the guidance test runs on the tiny-sd backbone.
+the guidance and ``run_with_taps`` tests run on the tiny-sd backbone. ``parse_steps`` moved to
+``hyperfeatures.config``; its tests stay here.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import torch
 from diffusers import DDIMScheduler
 from torch import nn
 
-from hyperfeatures.backbones import Backbone, Conditioning
-from hyperfeatures.diffusion import (
+from hyperfeatures.config import parse_steps
+from hyperfeatures.sinks import KeepAll
+from hyperfeatures.sources.backbones import Backbone, Conditioning
+from hyperfeatures.sources.diffusion import (
     NoiseSchedule,
     capture_steps_hooks,
     ddim_grid,
@@ -25,12 +29,11 @@ from hyperfeatures.diffusion import (
     generation_timesteps,
     inversion_timesteps,
     invert,
-    parse_steps,
+    run_with_taps,
     schedule_for,
     to_epsilon,
 )
-from hyperfeatures.sinks import KeepAll
-from hyperfeatures.taps import capture
+from hyperfeatures.taps import TapError, capture
 
 SD_BETAS = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
@@ -494,3 +497,230 @@ def test_unguided_generation_runs_one_batch() -> None:
     )
     assert [b for b, _t in unet.calls] == [6] * 4
     assert slices[-1] == slice(3, 6)
+
+
+# --------------------------------------------------------------------------- run_with_taps
+RUN_TAPS = {
+    "up_blocks.1.resnets.0": "layer4",
+    "up_blocks.2.attentions.0.transformer_blocks.0.attn1:q": "query",
+}
+
+
+def _hook_counts(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+class _Calls:
+    """Records every UNet call (input, timestep, text, output) with the test's own hooks."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        self.unet = unet
+        self.inputs: list[tuple[torch.Tensor, int, torch.Tensor]] = []
+        self.outputs: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self) -> _Calls:
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            x, t = args[0], args[1]
+            self.inputs.append((x.clone(), int(t[0]), kwargs["encoder_hidden_states"].clone()))
+
+        def post(_m: nn.Module, _args: tuple, output: tuple) -> None:
+            self.outputs.append(output[0].clone())
+
+        self._handles = [
+            self.unet.register_forward_pre_hook(pre, with_kwargs=True),
+            self.unet.register_forward_hook(post),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _maps_of_one_call(
+    backbone: Backbone, x: torch.Tensor, t: int, cond: Conditioning
+) -> dict[str, torch.Tensor]:
+    """The tapped maps of one plain UNet call, keyed by alias."""
+    timesteps = torch.full((x.shape[0],), t, dtype=torch.long)
+    with torch.no_grad(), capture(backbone.unet, RUN_TAPS) as cap:
+        backbone.unet(x, timesteps, **cond.unet_kwargs(), return_dict=False)
+    return dict(cap.maps)
+
+
+def test_run_with_taps_invert_emits_only_the_chosen_steps(tiny_sd: Backbone) -> None:
+    num_steps, steps, last = 6, [1, 4], 4
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = tiny_sd.encode_prompts([""]).repeat(2)
+    sched = schedule_for(tiny_sd)
+    kwargs = {"latents": latents, "cond": cond, "schedule": sched, "num_steps": num_steps}
+    with _Calls(tiny_sd.unet) as plain_calls:
+        plain = invert(tiny_sd.unet, last_step=last, **kwargs)
+    events: list[tuple[int, str, torch.Tensor]] = []
+    with _Calls(tiny_sd.unet) as calls:
+        out = run_with_taps(
+            tiny_sd.unet,
+            RUN_TAPS,
+            lambda step, tap, value: events.append((step, tap, value)),
+            invert,
+            steps=steps,
+            last_step=last,
+            **kwargs,
+        )
+    assert _hook_counts(tiny_sd.unet) == 0  # every hook is gone after the run
+    # the taps do not change the UNet outputs, nor the latent the chain reaches
+    assert len(calls.outputs) == len(plain_calls.outputs) == last + 1  # stopped at last_step
+    for hooked, bare in zip(calls.outputs, plain_calls.outputs, strict=True):
+        assert torch.equal(hooked, bare)
+    assert torch.equal(out, plain)
+    # events only at the chosen steps, one per tap, carrying the alias, the whole batch
+    assert [(s, tap) for s, tap, _ in events] == [
+        (1, "layer4"),
+        (1, "query"),
+        (4, "layer4"),
+        (4, "query"),
+    ]
+    assert all(value.shape[0] == 2 for _s, _tap, value in events)
+    # step k is inversion call k: the maps are those of a plain call on its input
+    for step, tap, value in events:
+        x, t, _text = calls.inputs[step]
+        assert t == inversion_timesteps(num_steps)[step]
+        expected = _maps_of_one_call(tiny_sd, x, t, cond)[tap]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(events[0][2], events[2][2], atol=1e-4)  # steps differ
+
+
+def test_run_with_taps_generate_reads_the_conditional_half(tiny_sd: Backbone) -> None:
+    num_steps, steps = 4, [0, 3]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = tiny_sd.encode_prompts(["a red bird on a branch", "a blue car"])
+    uncond = tiny_sd.encode_prompts(["", ""])
+    kwargs = {
+        "noise": noise,
+        "cond": cond,
+        "schedule": schedule_for(tiny_sd),
+        "num_steps": num_steps,
+        "uncond": uncond,
+        "guidance_scale": 7.5,
+    }
+    with _Calls(tiny_sd.unet) as plain_calls:
+        plain = generate(tiny_sd.unet, **kwargs)
+    events: list[tuple[int, str, torch.Tensor]] = []
+    with _Calls(tiny_sd.unet) as calls:
+        out = run_with_taps(
+            tiny_sd.unet,
+            RUN_TAPS,
+            lambda step, tap, value: events.append((step, tap, value)),
+            generate,
+            steps=steps,
+            **kwargs,
+        )
+    assert _hook_counts(tiny_sd.unet) == 0
+    assert len(calls.outputs) == len(plain_calls.outputs) == num_steps
+    for hooked, bare in zip(calls.outputs, plain_calls.outputs, strict=True):
+        assert torch.equal(hooked, bare)
+    assert torch.equal(out, plain)
+    # generation calls the noisiest step first; only the chosen steps emit
+    assert [(s, tap) for s, tap, _ in events] == [
+        (3, "layer4"),
+        (3, "query"),
+        (0, "layer4"),
+        (0, "query"),
+    ]
+    assert all(x.shape[0] == 4 for x, _t, _text in calls.inputs)  # [uncond; cond]
+    for step, tap, value in events:
+        assert value.shape[0] == 2  # the conditional half only
+        x, t, text = calls.inputs[num_steps - 1 - step]
+        assert t == step * (1000 // num_steps)
+        torch.testing.assert_close(text[2:], cond.encoder_hidden_states)
+        wanted = _maps_of_one_call(tiny_sd, x[2:], t, cond)[tap]
+        unwanted = _maps_of_one_call(tiny_sd, x[:2], t, uncond)[tap]
+        torch.testing.assert_close(value, wanted, rtol=1e-4, atol=1e-5)
+        assert (value - unwanted).abs().max() > 1e-3
+
+
+def test_run_with_taps_unguided_generation_emits_the_whole_batch(tiny_sd: Backbone) -> None:
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond = tiny_sd.encode_prompts(["a cat", "a dog"])
+    events: list[tuple[int, str, torch.Tensor]] = []
+    with _Calls(tiny_sd.unet) as calls:
+        run_with_taps(
+            tiny_sd.unet,
+            list(RUN_TAPS),
+            lambda step, tap, value: events.append((step, tap, value)),
+            generate,
+            steps=[1],
+            noise=noise,
+            cond=cond,
+            schedule=schedule_for(tiny_sd),
+            num_steps=2,
+            uncond=tiny_sd.encode_prompts(["", ""]),
+            guidance_scale=1.0,
+        )
+    assert [x.shape[0] for x, _t, _text in calls.inputs] == [2, 2]
+    assert [(s, tap) for s, tap, _ in events] == [(1, name) for name in RUN_TAPS]  # no alias
+    x, t, _text = calls.inputs[0]
+    plain = _maps_of_one_call(tiny_sd, x, t, cond)
+    for (_s, _tap, value), alias in zip(events, RUN_TAPS.values(), strict=True):
+        assert value.shape[0] == 2
+        torch.testing.assert_close(value, plain[alias], rtol=1e-5, atol=1e-6)
+
+
+def test_run_with_taps_removes_its_hooks_after_an_error(tiny_sd: Backbone) -> None:
+    unet = tiny_sd.unet
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kwargs = {
+        "latents": latents,
+        "cond": tiny_sd.encode_prompts([""]),
+        "schedule": schedule_for(tiny_sd),
+        "num_steps": 4,
+    }
+    reference = invert(unet, **kwargs)
+    seen: list[int] = []
+
+    def failing_sink(step: int, _tap: str, _value: torch.Tensor) -> None:
+        seen.append(step)
+        if step == 2:
+            raise RuntimeError("sink failed")
+
+    with pytest.raises(RuntimeError, match="sink failed"):
+        run_with_taps(unet, RUN_TAPS, failing_sink, invert, steps=[0, 2, 3], **kwargs)
+    assert seen == [0, 0, 2]
+    assert _hook_counts(unet) == 0
+
+    def failing_process(unet_: nn.Module, **process_kwargs: object) -> None:
+        assert unet_ is unet
+        assert {"before_call", "after_call", "set_batch_slice"} <= set(process_kwargs)
+        assert _hook_counts(unet) > 0  # the taps are attached while the process runs
+        raise ValueError("process failed")
+
+    with pytest.raises(ValueError, match="process failed"):
+        run_with_taps(unet, RUN_TAPS, failing_sink, failing_process, steps=[0])
+    assert _hook_counts(unet) == 0
+    # an unknown tap is refused before anything is attached or run
+    with pytest.raises(TapError, match=r"up_blocks\.1\.resnets\.0"):
+        run_with_taps(unet, ["up_blocks.1.resnet.0"], failing_sink, invert, steps=[0], **kwargs)
+    assert _hook_counts(unet) == 0
+    # the UNet is left as it was
+    assert torch.equal(invert(unet, **kwargs), reference)
+
+
+def test_run_with_taps_reports_a_tap_that_did_not_fire(tiny_sd: Backbone) -> None:
+    """After each call of a chosen step every tap must have fired; unchosen steps are free."""
+
+    def skips_the_unet(_unet: nn.Module, *, before_call, after_call, set_batch_slice) -> str:
+        set_batch_slice(None)
+        before_call(1, 0)  # not a chosen step: nothing expected
+        after_call(1)
+        before_call(0, -1)  # a chosen step whose UNet call never happens
+        after_call(0)
+        return "unreachable"
+
+    with pytest.raises(TapError, match="did not fire"):
+        run_with_taps(tiny_sd.unet, RUN_TAPS, lambda *_: None, skips_the_unet, steps=[0])
+    assert _hook_counts(tiny_sd.unet) == 0
+
+    def returns(_unet: nn.Module, **_kwargs: object) -> str:
+        return "result"
+
+    assert run_with_taps(tiny_sd.unet, RUN_TAPS, lambda *_: None, returns, steps=[0]) == "result"

@@ -1,0 +1,413 @@
+"""The evaluation loop: descriptors per image (cached), matching per pair, PCK per pair.
+
+:func:`evaluate` scores a :class:`~hyperfeatures.evaluation.Method` on keypoint pairs and
+returns an :class:`~hyperfeatures.evaluation.EvalResult`; :func:`match_pair` transfers points
+between two images; :class:`DescriptorCache` keeps the descriptor maps of recent images.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..correspond import match_points_with_scores
+from ..datasets import KeypointPair, PairDataset, load_image
+from ..metrics import PCKAccumulator
+from .report import EvalResult, PairPrediction
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .methods import Method
+
+__all__ = ["DescriptorCache", "evaluate", "match_pair"]
+
+
+def _sync(x: torch.Tensor) -> None:
+    """Wait for queued GPU work on ``x``'s device, so wall-clock timings are honest."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
+# =========================================================================== cache
+class DescriptorCache:
+    """A least-recently-used store of descriptor maps, keyed by image file.
+
+    Bounded by entry count and by total bytes (the most recent entry is always kept, whatever
+    its size).
+
+    Args:
+        max_items: most entries kept (>= 1).
+        max_bytes: most bytes kept (``None``: no byte bound).
+
+    Attributes:
+        hits, misses: lookup counters.
+    """
+
+    def __init__(self, max_items: int = 64, max_bytes: int | None = 2 * 2**30) -> None:
+        if isinstance(max_items, bool) or not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"max_items must be a positive integer, got {max_items!r}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive or None, got {max_bytes!r}")
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._store: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(path: str | os.PathLike[str]) -> str:
+        """Cache key of an image file (its absolute path)."""
+        return str(Path(path).expanduser().resolve())
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._store
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held now."""
+        return self._bytes
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The map stored under ``key`` (marked most recent), or ``None``; counts hit/miss."""
+        value = self._store.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._store.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        """Store ``value`` (``(C, h, w)``) under ``key``, evicting the least recent entries."""
+        old = self._store.pop(key, None)
+        if old is not None:
+            self._bytes -= _nbytes(old)
+        self._store[key] = value
+        self._bytes += _nbytes(value)
+        while len(self._store) > 1 and (
+            len(self._store) > self.max_items
+            or (self.max_bytes is not None and self._bytes > self.max_bytes)
+        ):
+            _, dropped = self._store.popitem(last=False)
+            self._bytes -= _nbytes(dropped)
+
+    def clear(self) -> None:
+        self._store.clear()
+        self._bytes = 0
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
+
+
+# =========================================================================== evaluation
+def _check_descriptors(method: Method, desc: Any, count: int, paths: Sequence[str]) -> torch.Tensor:
+    name = getattr(method, "name", type(method).__name__)
+    if not isinstance(desc, torch.Tensor) or desc.ndim != 4 or desc.shape[0] != count:
+        shape = tuple(desc.shape) if isinstance(desc, torch.Tensor) else type(desc).__name__
+        raise ValueError(
+            f"method {name!r} returned {shape} descriptors for {count} image(s); expected a "
+            f"(B={count}, C, h, w) tensor"
+        )
+    if not desc.is_floating_point():
+        raise ValueError(f"method {name!r} returned {desc.dtype} descriptors; expected floats")
+    finite = torch.isfinite(desc).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = paths[int((~finite).nonzero()[0])]
+        raise ValueError(
+            f"method {name!r} returned NaN or infinite descriptors for {bad}; with fp16 or bf16 "
+            "try --dtype fp32"
+        )
+    return desc
+
+
+def _as_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        kind = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+    return int(value)
+
+
+def evaluate(
+    method: Method,
+    dataset: PairDataset | Sequence[KeypointPair],
+    *,
+    load_size: int = 224,
+    alphas: float | Sequence[float] = (0.1,),
+    max_pairs: int | None = None,
+    progress: bool = True,
+    figures: int = 0,
+    out_dir: str | os.PathLike[str] | None = None,
+    cache_items: int = 64,
+    cache_bytes: int | None = 2 * 2**30,
+    console: Console | None = None,
+) -> EvalResult:
+    """Score a method on keypoint pairs with the paper's PCK protocol.
+
+    For each pair: descriptors of the source and target images (computed once per image file
+    and kept in an LRU :class:`DescriptorCache`; the images of one pair go through the method as
+    one batch), :func:`~hyperfeatures.correspond.match_points_with_scores` on a ``load_size``
+    grid (points 1 px outside the image, allowed by the PASCAL-style annotations, are clipped
+    onto it), then PCK against the target image size and target box.
+
+    Args:
+        method: a :class:`Method` (see :func:`create_method`).
+        dataset: a :class:`~hyperfeatures.datasets.PairDataset` (or a sequence of pairs).
+        load_size: matching grid side (224 in the paper); diffusion methods also resize
+            images to it before the VAE.
+        alphas: PCK alphas (0.1 in the paper).
+        max_pairs: evaluate only the first N pairs.
+        progress: show a progress bar.
+        figures: correspondence figures written for the first N pairs (with ``out_dir``).
+        out_dir: if given, :meth:`EvalResult.write` writes the results there.
+        cache_items, cache_bytes: bounds of the descriptor cache.
+        console: rich console of the progress bar (default: a new one on stderr).
+
+    Returns:
+        An :class:`EvalResult`. Its ``timing`` holds ``seconds_per_pair`` (two fresh
+        descriptors + one matching, comparable with the paper's time per pair),
+        ``descriptor_seconds_per_image`` (mean and median over computed images),
+        ``match_seconds_per_pair``, ``total_seconds``, ``images_computed``, ``cache_hits``,
+        ``descriptor_shape`` ``[C, h, w]``, ``descriptor_bytes`` (one stored descriptor) and
+        ``descriptor_bytes_at_load_size`` (the same map upsampled to the load grid in float32,
+        what the matching holds).
+
+    Raises:
+        ValueError: bad arguments, an empty dataset, descriptors of the wrong shape or with
+            NaN; ImageLoadError / ImageNotFoundError naming the image that failed.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    load_size = _as_positive_int(load_size, "load_size")
+    figures = _as_positive_int(figures, "figures", allow_zero=True)
+    accumulator = PCKAccumulator(alphas)
+    alpha_list = accumulator.alphas
+    pairs = list(dataset)
+    dataset_name = getattr(dataset, "name", "pairs")
+    if not pairs:
+        raise ValueError(f"dataset {dataset_name!r} has no pairs to evaluate")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, KeypointPair):
+            raise ValueError(f"dataset item {i} is a {type(pair).__name__}, not a KeypointPair")
+    dataset_pairs = len(pairs)
+    if max_pairs is not None:
+        pairs = pairs[: _as_positive_int(max_pairs, "max_pairs")]
+    use_bbox = all(p.target_bbox is not None for p in pairs)
+    ids = [p.pair_id for p in pairs]
+    if len(set(ids)) != len(ids):
+        ids = [f"{i:06d}:{pid}" for i, pid in enumerate(ids)]
+
+    cache = DescriptorCache(cache_items, cache_bytes)
+    predictions: list[PairPrediction] = []
+    image_seconds: list[float] = []
+    match_seconds: list[float] = []
+    desc_info: dict[str, Any] = {}  # shape, dtype, bytes and device of one descriptor
+    start = time.perf_counter()
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=not progress,
+    )
+    with bar, torch.no_grad():
+        task = bar.add_task(f"{method.name} on {dataset_name}", total=len(pairs))
+        for pair, pair_id in zip(pairs, ids, strict=True):
+            descs, seconds, computed = _pair_descriptors(method, pair, pair_id, cache, load_size)
+            if computed:
+                image_seconds.extend([seconds / computed] * computed)
+            src_desc, trg_desc = descs
+            if not desc_info:
+                desc_info = {
+                    "descriptor_shape": [int(n) for n in src_desc.shape],
+                    "descriptor_dtype": str(src_desc.dtype).removeprefix("torch."),
+                    "descriptor_bytes": _nbytes(src_desc),
+                    "descriptor_bytes_at_load_size": int(src_desc.shape[0]) * load_size**2 * 4,
+                    "device": str(src_desc.device),
+                }
+            t0 = time.perf_counter()
+            matches = match_points_with_scores(
+                src_desc,
+                trg_desc,
+                torch.tensor(pair.source_points),
+                src_size=pair.source_size,
+                trg_size=pair.target_size,
+                load_size=load_size,
+                clip=True,
+                dtype=torch.float32,
+            )
+            _sync(matches.points)
+            seconds_match = time.perf_counter() - t0
+            match_seconds.append(seconds_match)
+            predicted = matches.points.cpu().numpy().astype(np.float64)
+            gt = np.array(pair.target_points, dtype=np.float64)  # a writable copy
+            bbox = pair.target_bbox if use_bbox else None
+            scored = accumulator.add_with_flags(  # scored once: counts and flags agree
+                predicted,
+                gt,
+                image_size=pair.target_size,
+                bbox=bbox,
+                category=pair.category,
+                pair_id=pair_id,
+            )
+            correct_bbox = scored.correct_bbox.numpy() if scored.correct_bbox is not None else None
+            predictions.append(
+                PairPrediction(
+                    pair_id=pair_id,
+                    category=pair.category,
+                    source_path=str(pair.source_path),
+                    target_path=str(pair.target_path),
+                    source_size=tuple(pair.source_size),  # type: ignore[arg-type]
+                    target_size=tuple(pair.target_size),  # type: ignore[arg-type]
+                    target_bbox=bbox,
+                    source_points=np.asarray(pair.source_points, dtype=np.float64),
+                    target_points=gt,
+                    predicted_points=predicted,
+                    scores=matches.scores.float().cpu().numpy().astype(np.float64),
+                    distances=np.linalg.norm(predicted - gt, axis=1),
+                    correct_img=scored.correct_img.numpy(),
+                    correct_bbox=correct_bbox,
+                    descriptor_seconds=seconds,
+                    match_seconds=seconds_match,
+                )
+            )
+            bar.advance(task)
+    total = time.perf_counter() - start
+
+    per_image = float(np.mean(image_seconds)) if image_seconds else 0.0
+    per_match = float(np.mean(match_seconds))
+    timing = {
+        "seconds_per_pair": 2 * per_image + per_match,
+        "descriptor_seconds_per_image": per_image,
+        "descriptor_seconds_per_image_median": (
+            float(np.median(image_seconds)) if image_seconds else 0.0
+        ),
+        "match_seconds_per_pair": per_match,
+        "total_seconds": total,
+        "images_computed": len(image_seconds),
+        "cache_hits": cache.hits,
+        **desc_info,
+    }
+    result = EvalResult(
+        dataset=dataset_name,
+        method=dict(method.describe()),
+        load_size=load_size,
+        alphas=alpha_list,
+        accumulator=accumulator,
+        predictions=predictions,
+        timing=timing,
+        dataset_pairs=dataset_pairs,
+        figures=figures,
+        settings={"max_pairs": max_pairs, "bbox": use_bbox},
+    )
+    if out_dir is not None:
+        result.write(out_dir)
+    return result
+
+
+def _pair_descriptors(
+    method: Method,
+    pair: KeypointPair,
+    pair_id: str,
+    cache: DescriptorCache,
+    load_size: int,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], float, int]:
+    """``((src (C, h, w), trg (C, h, w)), seconds spent computing, images computed)``."""
+    sides = (("source", pair.source_path), ("target", pair.target_path))
+    keys = [DescriptorCache.key(path) for _, path in sides]
+    found: dict[str, torch.Tensor] = {}
+    missing: list[tuple[str, Path]] = []
+    for (_side, path), key in zip(sides, keys, strict=True):
+        if key in found or any(key == k for k, _ in missing):
+            continue
+        value = cache.get(key)
+        if value is None:
+            missing.append((key, Path(path)))
+        else:
+            found[key] = value
+    seconds = 0.0
+    if missing:
+        images = [
+            load_image(path, context=f"pair {pair_id!r}, {pair.origin or 'no annotation file'}")
+            for _, path in missing
+        ]
+        t0 = time.perf_counter()
+        desc = method.descriptors(images, load_size=load_size)
+        if isinstance(desc, torch.Tensor):
+            _sync(desc)
+        seconds = time.perf_counter() - t0
+        desc = _check_descriptors(method, desc, len(images), [str(p) for _, p in missing])
+        for i, (key, _) in enumerate(missing):
+            found[key] = desc[i]
+            cache.put(key, desc[i])
+    return (found[keys[0]], found[keys[1]]), seconds, len(missing)
+
+
+# =========================================================================== one pair
+def match_pair(
+    method: Method,
+    source: Image.Image,
+    target: Image.Image,
+    points: Any,
+    *,
+    load_size: int = 224,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Transfer points from one image to another with a method (the ``match`` command).
+
+    Args:
+        method: a :class:`Method`.
+        source, target: PIL images.
+        points: ``(N, 2)`` ``(x, y)`` pixels of the source image, inside ``[0, W) x [0, H)``.
+        load_size: matching grid side.
+
+    Returns:
+        ``(predicted (N, 2) (x, y) pixels of the target image, similarity (N,))`` as float64
+        arrays.
+
+    Raises:
+        ValueError: a point outside the source image (the message names it).
+    """
+    load_size = _as_positive_int(load_size, "load_size")
+    with torch.no_grad():
+        desc = method.descriptors(
+            [source.convert("RGB"), target.convert("RGB")], load_size=load_size
+        )
+        desc = _check_descriptors(method, desc, 2, ["source image", "target image"])
+        matches = match_points_with_scores(
+            desc[0],
+            desc[1],
+            torch.as_tensor(np.asarray(points, dtype=np.float64)),
+            src_size=source.size,
+            trg_size=target.size,
+            load_size=load_size,
+            dtype=torch.float32,
+        )
+    return (
+        matches.points.cpu().numpy().astype(np.float64),
+        matches.scores.float().cpu().numpy().astype(np.float64),
+    )
