@@ -236,36 +236,38 @@ def case_official_import() -> dict[str, torch.Tensor]:
 
 def case_evaluation() -> dict[str, torch.Tensor]:
     """PCK figures and predictions of the evaluator on a generated SPair tree."""
-    from hyperfeatures.datasets._testing import write_spair_fixture
-
-    try:
-        from hyperfeatures.evaluation import create_method, evaluate
-    except ImportError:  # before the evaluation package existed
-        from hyperfeatures.evaluate import create_method, evaluate
+    from hyperfeatures.config import Settings
     from hyperfeatures.datasets import load_spair
+    from hyperfeatures.datasets._testing import write_spair_fixture
+    from hyperfeatures.evaluation import create_method, evaluate
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = write_spair_fixture(Path(tmp) / "SPair-71k", pairs_per_category=3)
         data = load_spair(root, split="test", per_category=20, seed=0)
+        sd = {"model": "tiny-sd", "image_size": 64, "load_size": 64}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             methods = {
                 "hyperfeatures": create_method(
-                    "hyperfeatures", model="tiny-sd", image_size=64, num_steps=4, steps="all"
+                    "hyperfeatures", Settings(**sd, num_steps=4, steps="all")
                 ),
-                "concat-all": create_method("concat-all", model="tiny-sd", image_size=64),
-                "layer-4": create_method("layer-4", model="tiny-sd", image_size=128),
+                "concat-all": create_method("concat-all", Settings(**sd)),
+                "layer-4": create_method(
+                    "layer-4", Settings(model="tiny-sd", image_size=128, load_size=96)
+                ),
                 "tap": create_method(
-                    "tap:up_blocks.2.resnets.0", model="tiny-sd", image_size=64, num_steps=3,
-                    step=2,
+                    "tap:up_blocks.2.resnets.0", Settings(**sd, num_steps=3, steps=[2])
                 ),
-                "dino": create_method("dino", model="tiny-dino", image_size=112),
-                "dinov2": create_method("dinov2", model="tiny-dinov2", image_size=112),
+                "dino": create_method(
+                    "dino", Settings(model="tiny-dino", image_size=112, load_size=64)
+                ),
+                "dinov2": create_method(
+                    "dinov2", Settings(model="tiny-dinov2", image_size=112, load_size=64)
+                ),
             }
         for name, method in methods.items():
-            load = 64 if name != "layer-4" else 96
-            result = evaluate(method, data, load_size=load, alphas=(0.05, 0.1), progress=False)
+            result = evaluate(method, data, alphas=(0.05, 0.1), progress=False)
             out[f"{name}/predicted"] = torch.tensor(
                 np.stack([p.predicted_points for p in result.predictions])
             )

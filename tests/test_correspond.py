@@ -106,11 +106,11 @@ def test_resize_bilinear_rejects_bad_input():
 # ----------------------------------------------------------------------------- match_points
 
 
-@pytest.mark.parametrize("load_size", [32, (32, 16)])
-def test_match_points_recovers_known_shift(load_size):
+@pytest.mark.parametrize("match_size", [32, (32, 16)])
+def test_match_points_recovers_known_shift(match_size):
     big = _randn(16, 8, 12, seed=3)
     src, trg = big[:, :, 4:12], big[:, :, :8]  # descriptor column u of src is u + 4 of trg
-    gw, gh = (load_size, load_size) if isinstance(load_size, int) else load_size
+    gw, gh = (match_size, match_size) if isinstance(match_size, int) else match_size
     shift = 4 * gw // 8  # the same shift on the load grid
     src_size, trg_size = (300, 200), (150, 400)  # original images: non-square, different
     # load-grid pixels away from the borders, where bilinear clamping breaks the shift
@@ -119,14 +119,14 @@ def test_match_points_recovers_known_shift(load_size):
     points = torch.stack((gx * src_size[0] / gw, gy * src_size[1] / gh), dim=1)
     expected = torch.stack(((gx + shift) * trg_size[0] / gw, gy * trg_size[1] / gh), dim=1)
     result = match_points_with_scores(
-        src, trg, points, src_size=src_size, trg_size=trg_size, load_size=load_size
+        src, trg, points, src_size=src_size, trg_size=trg_size, match_size=match_size
     )
     torch.testing.assert_close(result.points, expected.float())
     assert result.points.dtype == torch.float32
     torch.testing.assert_close(result.scores, torch.ones(5), atol=1e-5, rtol=0)
     # match_points returns the same points; a batch dimension of one is accepted
     pred = match_points(
-        src[None], trg[None], points, src_size=src_size, trg_size=trg_size, load_size=load_size
+        src[None], trg[None], points, src_size=src_size, trg_size=trg_size, match_size=match_size
     )
     torch.testing.assert_close(pred, expected.float())
 
@@ -140,7 +140,7 @@ def test_match_points_scaling_convention_by_hand():
     #   (21, 479.9) -> (0.525, 11.9975) -> (1, 12 -> clip 11)
     # back to trg (320, 960): x * 320/16 = 20 x, y * 960/12 = 80 y
     pred = match_points(
-        desc, desc, points, src_size=(640, 480), trg_size=(320, 960), load_size=(16, 12)
+        desc, desc, points, src_size=(640, 480), trg_size=(320, 960), match_size=(16, 12)
     )
     torch.testing.assert_close(pred, torch.tensor([[40.0, 480.0], [300.0, 0.0], [20.0, 880.0]]))
 
@@ -149,14 +149,14 @@ def test_match_points_out_of_range_raises_with_index():
     desc = _randn(4, 8, 8, seed=5)
     points = torch.tensor([[10.0, 10.0], [64.0, 5.0], [-0.5, 3.0]])
     with pytest.raises(ValueError, match=r"src_points \[1, 2\].*\(W, H\) = \(64, 48\)"):
-        match_points(desc, desc, points, src_size=(64, 48), trg_size=(64, 48), load_size=8)
+        match_points(desc, desc, points, src_size=(64, 48), trg_size=(64, 48), match_size=8)
     with pytest.raises(ValueError, match=r"src_points \[0\]"):
         match_points(desc, desc, torch.tensor([[3.0, 48.0]]), src_size=(64, 48), trg_size=(64, 48))
     # clip=True clips onto the grid instead (grid = x * 8/64, y * 8/48, back = grid * 8, * 6):
     #   (10, 10) -> (1.25, 1.67) -> (1, 2) -> (8, 12);  (64, 5) -> (8 -> clip 7, 0.83 -> 1)
     #   -> (56, 6);  (-0.5, 3) -> (-0.06 -> 0, 0.5 -> 0 half to even) -> (0, 0)
     pred = match_points(
-        desc, desc, points, src_size=(64, 48), trg_size=(64, 48), load_size=8, clip=True
+        desc, desc, points, src_size=(64, 48), trg_size=(64, 48), match_size=8, clip=True
     )
     torch.testing.assert_close(pred, torch.tensor([[8.0, 12.0], [56.0, 6.0], [0.0, 0.0]]))
 
@@ -165,14 +165,14 @@ def test_match_points_valid_mask_and_non_finite_points():
     desc = _randn(4, 8, 8, seed=6)
     points = torch.tensor([[8.0, 8.0], [float("nan"), 1.0], [100.0, 1.0]])
     with pytest.raises(ValueError, match=r"src_points \[1\] are not finite"):
-        match_points(desc, desc, points, src_size=(64, 64), trg_size=(64, 64), load_size=8)
+        match_points(desc, desc, points, src_size=(64, 64), trg_size=(64, 64), match_size=8)
     result = match_points_with_scores(
         desc,
         desc,
         points,
         src_size=(64, 64),
         trg_size=(32, 32),
-        load_size=8,
+        match_size=8,
         valid=torch.tensor([True, False, False]),
     )
     torch.testing.assert_close(result.points[0], torch.tensor([4.0, 4.0]))
@@ -184,7 +184,7 @@ def test_match_points_valid_mask_and_non_finite_points():
 def test_match_points_chunking_does_not_change_result():
     src, trg = _randn(8, 6, 6, seed=7), _randn(8, 5, 7, seed=8)
     points = _randn(20, 2, seed=9).abs().clamp(max=1.9) * 50
-    kwargs = {"src_size": (100, 100), "trg_size": (90, 70), "load_size": 20}
+    kwargs = {"src_size": (100, 100), "trg_size": (90, 70), "match_size": 20}
     full = match_points_with_scores(src, trg, points, **kwargs)
     for chunk in (1, 3, 64):
         part = match_points_with_scores(src, trg, points, chunk_size=chunk, **kwargs)
@@ -412,7 +412,7 @@ def test_cuda_results_match_cpu():
     assert flow.device.type == "cuda"
     torch.testing.assert_close(flow.cpu(), dense_flow(src, trg, size=(12, 12)))
     pts = torch.tensor([[3.0, 4.0], [20.0, 30.0]])
-    kw = {"src_size": (40, 40), "trg_size": (50, 30), "load_size": 16}
+    kw = {"src_size": (40, 40), "trg_size": (50, 30), "match_size": 16}
     torch.testing.assert_close(
         match_points(src.cuda(), trg.cuda(), pts, **kw).cpu(), match_points(src, trg, pts, **kw)
     )

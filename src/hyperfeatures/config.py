@@ -188,6 +188,8 @@ class Settings(BaseModel):
             super().__init__(**data)
         except ValidationError as err:
             raise SettingsError(_explain(err)) from None
+        if "steps" not in data:  # filled in from the default selection, not given
+            self.__pydantic_fields_set__.discard("steps")
 
     # ------------------------------------------------------------------ validation
     @model_validator(mode="before")

@@ -13,9 +13,9 @@ import torch
 
 from .similarity import (
     Size,
-    _as_load_size,
     _as_map,
     _as_mask,
+    _as_match_size,
     _as_size,
     _check_pair,
     _compute_dtype,
@@ -97,7 +97,7 @@ def match_points_with_scores(
     *,
     src_size: Sequence[int],
     trg_size: Sequence[int],
-    load_size: int | Sequence[int] = 224,
+    match_size: int | Sequence[int] = 224,
     chunk_size: int | None = None,
     clip: bool = False,
     valid: torch.Tensor | None = None,
@@ -117,7 +117,7 @@ def match_points_with_scores(
             array-like).
         src_size: ``(W, H)`` of the original source image.
         trg_size: ``(W, H)`` of the original target image.
-        load_size: side of the square load grid (224 in the paper's evaluation), or ``(W, H)``.
+        match_size: side of the square matching grid (224 in the paper's evaluation), or ``(W, H)``.
         chunk_size: source points compared with the whole target grid at once (``None``: auto).
         clip: if False, a point outside ``[0, W) x [0, H)`` raises ValueError; if True, it is
             clipped onto the border of the grid.
@@ -137,7 +137,7 @@ def match_points_with_scores(
     _check_pair(src, trg, ("src_desc", "trg_desc"))
     src_wh = _as_size(src_size, "src_size")
     trg_wh = _as_size(trg_size, "trg_size")
-    load = _as_load_size(load_size)
+    load = _as_match_size(match_size)
     device = src.device
 
     points = torch.as_tensor(src_points, device=device)
@@ -211,7 +211,7 @@ def match_points(
     *,
     src_size: Sequence[int],
     trg_size: Sequence[int],
-    load_size: int | Sequence[int] = 224,
+    match_size: int | Sequence[int] = 224,
     chunk_size: int | None = None,
     clip: bool = False,
     valid: torch.Tensor | None = None,
@@ -228,7 +228,7 @@ def match_points(
         src_points,
         src_size=src_size,
         trg_size=trg_size,
-        load_size=load_size,
+        match_size=match_size,
         chunk_size=chunk_size,
         clip=clip,
         valid=valid,

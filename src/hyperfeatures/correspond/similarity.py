@@ -78,11 +78,11 @@ def _as_size(size: Sequence[int], name: str) -> Size:
     return w, h
 
 
-def _as_load_size(load_size: int | Sequence[int]) -> Size:
+def _as_match_size(match_size: int | Sequence[int]) -> Size:
     """A square side or a ``(W, H)`` pair -> ``(W, H)``."""
-    if isinstance(load_size, Sequence):
-        return _as_size(load_size, "load_size")
-    return _as_size((load_size, load_size), "load_size")
+    if isinstance(match_size, Sequence):
+        return _as_size(match_size, "match_size")
+    return _as_size((match_size, match_size), "match_size")
 
 
 def _as_mask(

@@ -1,67 +1,74 @@
-"""Descriptor methods of the paper's tables: the :class:`Method` protocol, the registry and
-the factory.
+"""Descriptor methods: a feature source + taps + a descriptor head, from one factory.
 
-:data:`METHODS` names the methods (``hyperfeatures``, ``layer-4``, ``concat-all``, ``dino``,
-``dinov2``; ``tap:<name>`` stands for any single tap); :func:`create_method` builds one ready
-for :func:`~hyperfeatures.evaluation.evaluate`. Model code is imported lazily, inside the
-functions that need it.
+==================  =========================================================================
+method              source, taps and head (``create_method(name, settings)``)
+==================  =========================================================================
+``hyperfeatures``   diffusion source, the network's taps x steps, aggregation network head
+                    (:class:`~hyperfeatures.pipeline.HyperfeaturePipeline`); without an
+                    aggregator an UNTRAINED network (a loud warning)
+``layer-4``         diffusion, paper Layer 4 (``up_blocks.1.resnets.0``), one-step (T = 1,
+                    step 0), raw-map head at its native size: "SD-Layer-4"
+``concat-all``      diffusion, the 12 ``dhf`` layers, one-step, each resized to 64 x 64 and
+                    concatenated along channels: "SD-Concat-All"
+``tap:<name>``      diffusion, any single tap (``num_steps`` / ``steps`` choose the call)
+``dino``            ViT source ``dino-vits8``: keys of block 9, 224 px input, raw map
+``dinov2``          ViT source ``dinov2-vitb14``: tokens of block 11, 770 px input, raw map
+==================  =========================================================================
+
+Settings are layered: the method's defaults (table above), then a trained network's saved
+settings, then the fields the caller set explicitly in the :class:`~hyperfeatures.config.
+Settings` it passes (``Settings(model="tiny-sd")`` changes only ``model``).
+
+A method is anything with ``name``, ``match_size``, ``descriptors(images) -> (B, C, h, w)``
+and ``describe() -> dict`` (see :class:`Method`); the grid ``h x w`` may be anything, matching
+upsamples it to ``match_size``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
-if TYPE_CHECKING:
-    from ..backbones import Backbone
-    from ..pipeline import FeatureExtractor, HyperfeaturePipeline
-    from ..vit import ViTDescriptor
+from ..config import Settings, SettingsError
 
 __all__ = [
     "METHODS",
     "TAP_PREFIX",
-    "HyperfeatureMethod",
+    "DescriptorMethod",
     "Method",
     "MethodSpec",
-    "TapMethod",
-    "ViTMethod",
     "create_method",
     "list_methods",
+    "method_settings",
     "method_spec",
 ]
 
 TAP_PREFIX = "tap:"
 """Prefix of the single-tap method names: ``"tap:up_blocks.1.resnets.0"``."""
 
+Head = Literal["aggregation", "raw", "concat"]
 
-# =========================================================================== the protocol
+
 @runtime_checkable
 class Method(Protocol):
     """A descriptor method that :func:`~hyperfeatures.evaluation.evaluate` can score.
 
     Attributes:
         name: short name used in file names and tables (``"hyperfeatures"``, ``"layer-4"``).
+        match_size: side of the grid the descriptors are upsampled to for matching.
     """
 
     name: str
+    match_size: int
 
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
-        """Descriptor maps of RGB images of any sizes.
-
-        Args:
-            images: B PIL images.
-            load_size: the protocol's load size (diffusion methods resize images to it before
-                the VAE; ViT methods use their own input size).
-
-        Returns:
-            ``(B, C, h, w)`` float tensor, any grid ``h x w`` covering the whole image (matching
-            upsamples it to ``load_size x load_size``).
-        """
+    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
+        """``(B, C, h, w)`` float descriptor maps of B RGB images of any sizes, a grid
+        covering the whole image."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -76,17 +83,20 @@ class MethodSpec:
     Attributes:
         name: registry name.
         label: name used in the paper's tables (``"SD-Layer-4"``).
-        kind: ``"diffusion"`` (a diffusion backbone) or ``"vit"`` (a DINO / DINOv2 model).
-        default_model: model loaded when ``model`` is not given.
+        head: ``"aggregation"`` (an aggregation network), ``"raw"`` (the maps as they are)
+            or ``"concat"`` (every map resized to 64 x 64, concatenated).
+        defaults: settings of the method on top of the record's defaults.
         description: one line for listings.
     """
 
     name: str
     label: str
-    kind: Literal["diffusion", "vit"]
-    default_model: str
+    head: Head
     description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
 
+
+_ONE_STEP = {"num_steps": 1, "steps": "all"}
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -94,27 +104,36 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "hyperfeatures",
             "Hyperfeatures",
-            "diffusion",
-            "sd15",
+            "aggregation",
             "aggregation network over (step, layer) diffusion maps",
         ),
         MethodSpec(
             "layer-4",
             "SD-Layer-4",
-            "diffusion",
-            "sd15",
+            "raw",
             "raw map of paper Layer 4 (up_blocks.1.resnets.0), one-step inversion",
+            {"taps": "layer-4", **_ONE_STEP},
         ),
         MethodSpec(
             "concat-all",
             "SD-Concat-All",
-            "diffusion",
-            "sd15",
+            "concat",
             "the 12 dhf layers, one-step, resized to 64x64 and concatenated",
+            {"taps": "dhf", **_ONE_STEP},
         ),
-        MethodSpec("dino", "DINO", "vit", "dino-vits8", "DINO ViT-S/8, block 9 keys, 224 px"),
         MethodSpec(
-            "dinov2", "DINOv2", "vit", "dinov2-vitb14", "DINOv2 ViT-B/14, block 11 tokens, 770 px"
+            "dino",
+            "DINO",
+            "raw",
+            "DINO ViT-S/8, block 9 keys, 224 px",
+            {"model": "dino-vits8", "taps": "default", **_ONE_STEP},
+        ),
+        MethodSpec(
+            "dinov2",
+            "DINOv2",
+            "raw",
+            "DINOv2 ViT-B/14, block 11 tokens, 770 px",
+            {"model": "dinov2-vitb14", "taps": "default", **_ONE_STEP},
         ),
     )
 }
@@ -137,414 +156,218 @@ def method_spec(name: str) -> MethodSpec:
         tap = name[len(TAP_PREFIX) :].strip()
         if not tap:
             raise ValueError("method 'tap:' needs a tap name, e.g. 'tap:up_blocks.1.resnets.0'")
-        return MethodSpec(name, f"SD-{tap}", "diffusion", "sd15", f"raw map of tap {tap}")
+        return MethodSpec(
+            name, f"SD-{tap}", "raw", f"raw map of tap {tap}", {"taps": [tap], **_ONE_STEP}
+        )
     if name in METHODS:
         return METHODS[name]
+    import difflib
+
+    close = difflib.get_close_matches(name, list(METHODS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
-        f"unknown method {name!r}; choose from {', '.join(list_methods())} "
+        f"unknown method {name!r}.{hint} Choose from {', '.join(list_methods())} "
         "(tap:<name> takes any tap listed by `hyperfeatures layers`)"
     )
 
 
-class HyperfeatureMethod:
-    """Diffusion hyperfeatures: ``(B, 384, 64, 64)`` from a :class:`HyperfeaturePipeline`.
+def _explicit(settings: Settings | None) -> dict[str, Any]:
+    """The fields the caller set explicitly in ``settings`` (all of them for a record built
+    by :meth:`Settings.replace`)."""
+    if settings is None:
+        return {}
+    data = settings.to_dict()
+    return {k: data[k] for k in settings.model_fields_set}
 
-    Args:
-        pipeline: the pipeline (backbone + aggregation network).
-        name: method name.
-        aggregator: where the network came from (``None``: untrained).
-        first_k: the pruning the pipeline was built with (recorded in :meth:`describe`).
-        batch_size: images per diffusion run.
+
+def method_settings(
+    name: str, settings: Settings | None = None, *, network_settings: Settings | None = None
+) -> Settings:
+    """The settings of method ``name``: its defaults, then ``network_settings`` (a trained
+    network's), then the fields set explicitly in ``settings``.
+
+    Raises:
+        SettingsError: ``settings`` changes what a trained network mixes (taps, steps,
+            num_steps), or a value is invalid.
+    """
+    spec = method_spec(name)
+    given = _explicit(settings)
+    if network_settings is not None:
+        clash = [k for k in ("taps", "steps", "num_steps") if k in given]
+        clash = [k for k in clash if given[k] != network_settings.to_dict()[k]]
+        if clash:
+            raise SettingsError(
+                f"{', '.join(clash)}: a trained aggregator mixes the taps and steps it was "
+                f"trained on (T={network_settings.num_steps}, steps "
+                f"{list(network_settings.steps)}); drop these settings (first_k prunes steps)"
+            )
+        return network_settings.replace(**given)
+    return Settings(**{**spec.defaults, **given})
+
+
+class DescriptorMethod:
+    """A method of the registry: a :class:`~hyperfeatures.pipeline.DescriptorPipeline`
+    (source + settings + head) with a name.
+
+    Attributes:
+        name, label: registry name and table label.
+        pipeline: the descriptor pipeline.
+        aggregator: where the aggregation network came from (``None``: untrained or none).
+        batch_size: images per source run.
     """
 
     def __init__(
         self,
-        pipeline: HyperfeaturePipeline,
+        name: str,
+        label: str,
+        pipeline: Any,
         *,
-        name: str = "hyperfeatures",
         aggregator: str | None = None,
-        first_k: int | None = None,
         batch_size: int = 8,
     ) -> None:
-        self.pipeline = pipeline
         self.name = name
+        self.label = label
+        self.pipeline = pipeline
         self.aggregator = aggregator
-        self.first_k = first_k
         self.batch_size = batch_size
 
-    @torch.no_grad()
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
-        """``(B, P, 64, 64)`` float32 descriptors (P = 384; see the pipeline)."""
-        return self.pipeline(list(images), load_size=load_size, batch_size=self.batch_size)
+    @property
+    def settings(self) -> Settings:
+        """The effective settings (taps resolved, input size filled in)."""
+        return self.pipeline.settings
 
-    def describe(self) -> dict[str, Any]:
-        pipe = self.pipeline
-        net = pipe.network
-        steps = [pipe.top1_pair[0]] if pipe.top1_pair else list(net.steps)
-        taps = [pipe.top1_pair[1]] if pipe.top1_pair else list(net.taps)
-        untrained = self.aggregator is None
-        return {
-            "method": self.name,
-            "label": f"Hyperfeatures ({pipe.backbone.name}, S={len(steps)})"
-            + (" UNTRAINED" if untrained else ""),
-            "model": pipe.backbone.name,
-            "aggregator": self.aggregator,
-            "untrained": untrained,
-            "taps": taps,
-            "steps": steps,
-            "num_steps": net.num_inference_steps,
-            "last_step": max(steps),
-            "first_k": self.first_k,
-            "top1": pipe.top1,
-            "top1_pair": list(pipe.top1_pair) if pipe.top1_pair else None,
-            "image_size": pipe.extractor.image_size,
-            "posterior": pipe.extractor.config.posterior,
-            "output_channels": pipe.output_channels,
-            "output_size": net.output_size,
-            "device": str(pipe.backbone.device),
-            "dtype": str(pipe.backbone.dtype).removeprefix("torch."),
-        }
-
-
-class TapMethod:
-    """Raw diffusion maps of chosen taps at chosen steps, concatenated along channels.
-
-    ``SD-Layer-4`` is one tap at its native resolution (``output_size=None``); ``SD-Concat-All``
-    is the 12 ``dhf`` taps each resized to 64 x 64 (``output_size=64``). Maps are ordered
-    timestep-major (for each step, each tap).
-
-    Args:
-        extractor: a :class:`~hyperfeatures.pipeline.FeatureExtractor` (taps, steps, T).
-        name: method name.
-        label: table label.
-        output_size: resize every map to this size (bilinear); ``None`` keeps the native size
-            (then all taps must share it).
-    """
-
-    def __init__(
-        self,
-        extractor: FeatureExtractor,
-        *,
-        name: str,
-        label: str,
-        output_size: int | None = None,
-    ) -> None:
-        self.extractor = extractor
-        self.name = name
-        self.label = label
-        self.output_size = output_size
+    @property
+    def match_size(self) -> int:
+        """Matching grid side: ``settings.matching_size`` (match_size, else load_size, else
+        image_size)."""
+        size = self.settings.matching_size
+        assert size is not None  # image_size is always filled in by the extractor
+        return size
 
     @torch.no_grad()
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
-        """``(B, sum C, h, w)`` float32 maps (``h = w = output_size`` when set)."""
-        from ..sinks import KeepAll
-
-        sink = KeepAll(self.output_size)
-        self.extractor.run_images(list(images), sink, load_size=load_size)
-        taps = list(self.extractor.taps.values())
-        return sink.stacked(taps=taps, steps=self.extractor.steps).float()
+    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
+        """``(B, C, h, w)`` float32 descriptors."""
+        return self.pipeline(list(images), batch_size=self.batch_size)
 
     def describe(self) -> dict[str, Any]:
-        ex = self.extractor
-        infos = ex.tap_info()
-        return {
+        source = self.pipeline.source
+        record: dict[str, Any] = {
             "method": self.name,
             "label": self.label,
-            "model": ex.backbone.name,
-            "taps": list(ex.taps),
-            "steps": list(ex.steps),
-            "num_steps": ex.config.num_steps,
-            "image_size": ex.image_size,
-            "posterior": ex.config.posterior,
-            "output_size": self.output_size,
-            "output_channels": len(ex.steps) * sum(i.channels for i in infos),
-            "native_sizes": {i.name: list(i.size or ()) for i in infos},
-            "device": str(ex.backbone.device),
-            "dtype": str(ex.backbone.dtype).removeprefix("torch."),
+            "model": source.name,
+            "source": source.describe(),
+            "settings": self.settings.to_dict(),
+            "match_size": self.match_size,
+            "output_channels": self.pipeline.channels,
         }
-
-
-class ViTMethod:
-    """DINO / DINOv2 patch descriptors from a :class:`~hyperfeatures.vit.ViTDescriptor`.
-
-    The ViT's input side is its own (``input_size``: 224 for DINO, 770 for DINOv2 by default,
-    a multiple of the patch size), independent of the protocol's ``load_size``, which only sets
-    the grid the maps are matched on.
-
-    Args:
-        vit: the descriptor model (layer and facet chosen there).
-        name: method name.
-        label: table label.
-        input_size: input side in pixels (default: the model's ``load_size``).
-    """
-
-    def __init__(
-        self,
-        vit: ViTDescriptor,
-        *,
-        name: str,
-        label: str,
-        input_size: int | None = None,
-    ) -> None:
-        self.vit = vit
-        self.name = name
-        self.label = label
-        if input_size is not None:
-            vit.grid_size(input_size)  # raises unless a multiple of the patch size
-        self.input_size = vit.load_size if input_size is None else input_size
-
-    @torch.no_grad()
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
-        """``(B, C, s/p, s/p)`` float32 maps, ``s = input_size``, ``p`` the patch size."""
-        del load_size  # the ViT grid is set by input_size; matching upsamples to load_size
-        return self.vit(list(images), load_size=self.input_size).float()
-
-    def describe(self) -> dict[str, Any]:
-        info = self.vit.descriptor_info(self.input_size)
-        return {
-            "method": self.name,
-            "label": f"{self.label} ({self.vit.name}, block {info.layer} {info.facet})",
-            "model": self.vit.name,
-            "layer": info.layer,
-            "facet": info.facet,
-            "input_size": self.input_size,
-            "patch_size": info.patch_size,
-            "grid_size": list(info.grid_size),
-            "output_channels": info.channels,
-            "device": str(self.vit.device),
-            "dtype": info.dtype,
-        }
-
-
-# =========================================================================== factory
-def _reject(method: str, **options: Any) -> None:
-    """Raise if an option that ``method`` does not use was set."""
-    given = [k for k, v in options.items() if v is not None]
-    if given:
-        names = ", ".join(f"{k}={options[k]!r}" for k in given)
-        raise ValueError(
-            f"{names}: not an option of method {method!r}; drop it (aggregator, first_k, top1 "
-            "and steps are for 'hyperfeatures'; step for 'layer-4', 'concat-all' and 'tap:...'; "
-            "num_steps for the diffusion methods)"
-        )
-
-
-def _resolve_network(aggregator: Any, device: str | torch.device) -> tuple[Any, str | None]:
-    """An aggregator argument -> ``(AggregationNetwork, provenance string)``."""
-    from ..aggregation import AggregationNetwork, load_official_checkpoint
-
-    if aggregator is None:
-        return None, None
-    if isinstance(aggregator, AggregationNetwork):
-        return aggregator, "AggregationNetwork object"
-    path = Path(os.fspath(aggregator)).expanduser()
-    if path.is_file():
-        return load_official_checkpoint(path, map_location=device), str(path)
-    return AggregationNetwork.from_pretrained(str(aggregator), map_location=str(device)), str(
-        aggregator
-    )
-
-
-def _backbone(
-    model: str | Backbone | None,
-    default: str,
-    *,
-    device: str | torch.device,
-    dtype: str | torch.dtype | None,
-    model_path: str | os.PathLike[str] | None,
-    seed: int,
-) -> Backbone:
-    from ..backbones import Backbone, load_backbone
-
-    if isinstance(model, Backbone):
-        if model_path is not None:
-            raise ValueError("model_path is for model names; a loaded Backbone was given")
-        return model
-    return load_backbone(
-        model or default,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-        model_path=str(model_path) if model_path is not None else None,
-    )
+        network = getattr(self.pipeline, "network", None)
+        if network is not None:
+            untrained = self.aggregator is None
+            steps = list(self.settings.steps)
+            record.update(
+                label=f"Hyperfeatures ({source.name}, S={len(steps)})"
+                + (" UNTRAINED" if untrained else ""),
+                aggregator=self.aggregator,
+                untrained=untrained,
+                first_k=self.pipeline.first_k,
+                top1=self.pipeline.top1,
+                top1_pair=list(self.pipeline.top1_pair) if self.pipeline.top1_pair else None,
+                output_size=network.output_size,
+            )
+        return record
 
 
 def create_method(
     name: str,
+    settings: Settings | None = None,
     *,
-    model: str | Backbone | ViTDescriptor | None = None,
-    model_path: str | os.PathLike[str] | None = None,
     aggregator: str | os.PathLike[str] | Any | None = None,
+    source: Any | None = None,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
-    image_size: int | None = None,
-    num_steps: int | None = None,
-    step: int | None = None,
-    steps: str | list[int] | None = None,
+    model_path: str | os.PathLike[str] | None = None,
     first_k: int | None = None,
     top1: Literal["raw", "bottleneck"] | None = None,
-    posterior: Literal["mean", "sample"] = "mean",
-    seed: int = 0,
     batch_size: int = 8,
-) -> Method:
-    """Build a method of :data:`METHODS` (or ``"tap:<tap name>"``) ready for
-    :func:`~hyperfeatures.evaluation.evaluate`.
+) -> DescriptorMethod:
+    """Build a method of :data:`METHODS` (or ``"tap:<tap name>"``) ready for evaluation.
 
     Args:
         name: ``"hyperfeatures" | "layer-4" | "concat-all" | "dino" | "dinov2" | "tap:<name>"``.
-        model: backbone name / hub id / folder, or a loaded ``Backbone`` (diffusion methods);
-            ViT name or a loaded ``ViTDescriptor`` (``dino``, ``dinov2``); ``tiny-sd``,
-            ``tiny-dino``, ``tiny-dinov2`` are random-weight models for tests. Default: the
-            spec's (``sd15``, ``dino-vits8``, ``dinov2-vitb14``); for ``hyperfeatures`` with a
-            trained aggregator, the backbone its config names.
-        model_path: local folder with the weights of a registry ``model``.
+        settings: the fields set explicitly override the method's defaults (and a trained
+            network's settings), e.g. ``Settings(model="tiny-sd", image_size=64)``.
         aggregator: (``hyperfeatures``) an official ``.pt`` checkpoint, a ``save_pretrained``
             folder, a Hub id, an ``AggregationNetwork``, or ``None`` for an UNTRAINED network
-            (seeded; a ``UserWarning`` says so).
-        device, dtype: where and in which dtype the model runs (``"fp32"``, ``"fp16"``, ...).
-        image_size: VAE input size of diffusion methods (default the backbone's: 512 for SD
-            1.5); input side of ViT methods (default 224 for DINO, 770 for DINOv2).
-        num_steps: T of the diffusion run: default 1 for ``layer-4`` / ``concat-all`` /
-            ``tap:`` (one-step), 50 for an untrained ``hyperfeatures`` network; a trained
-            network's own T otherwise (giving another raises).
-        step: (single-map methods) the diffusion step read (0 = the cleanest call; default 0).
-        steps: (untrained ``hyperfeatures``) steps mixed, e.g. ``"every:5"`` (default).
+            (seeded with ``settings.seed``; a ``UserWarning`` says so).
+        source: an already loaded feature source (default: load ``settings.model``).
+        device, dtype, model_path: how to load the source.
         first_k, top1: (``hyperfeatures``) the pruned variants of the pipeline.
-        posterior: ``"mean"`` (deterministic) or ``"sample"`` (seeded VAE posterior sample).
-        seed: seed of random weights (tiny models), of an untrained network and of posterior
-            samples.
-        batch_size: images per diffusion run.
+        batch_size: images per source run.
 
     Raises:
         ValueError: unknown method (the message lists the valid ones), an option the method
-            does not use, bad values.
+            does not use, bad settings.
         FileNotFoundError: missing weights or aggregator files.
     """
+    from ..pipeline import (
+        DescriptorPipeline,
+        FeatureExtractor,
+        HyperfeaturePipeline,
+        load_aggregator,
+        untrained_network,
+    )
+    from ..sources import load_source
+
     spec = method_spec(name)
-    tap = name[len(TAP_PREFIX) :].strip() if name.startswith(TAP_PREFIX) else None
-    if spec.kind == "vit":
-        _reject(
-            name,
-            aggregator=aggregator,
-            num_steps=num_steps,
-            step=step,
-            steps=steps,
-            first_k=first_k,
-            top1=top1,
-        )
-        return _create_vit(spec, model, model_path, device, dtype, image_size, seed)
-    if name == "hyperfeatures":
-        _reject(name, step=step)
-        return _create_hyperfeatures(
-            model=model,
-            model_path=model_path,
-            aggregator=aggregator,
+    if spec.head != "aggregation":
+        given = {"aggregator": aggregator, "first_k": first_k, "top1": top1}
+        used = [k for k, v in given.items() if v is not None]
+        if used:
+            raise ValueError(
+                f"{', '.join(used)}: not an option of method {name!r} (aggregator, first_k and "
+                "top1 are for 'hyperfeatures')"
+            )
+    network = load_aggregator(aggregator, device=device) if spec.head == "aggregation" else None
+    effective = method_settings(
+        name, settings, network_settings=network.settings if network is not None else None
+    )
+    if source is None:
+        kind = "vit" if spec.name in ("dino", "dinov2") else None
+        source = load_source(
+            effective.model,
+            kind=kind,
             device=device,
             dtype=dtype,
-            image_size=image_size,
-            num_steps=num_steps,
-            steps=steps,
-            first_k=first_k,
-            top1=top1,
-            posterior=posterior,
-            seed=seed,
-            batch_size=batch_size,
-        )
-    _reject(name, aggregator=aggregator, steps=steps, first_k=first_k, top1=top1)
-    from ..pipeline import FeatureExtractor
-
-    num_steps = 1 if num_steps is None else num_steps
-    step = 0 if step is None else step
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < num_steps:
-        raise ValueError(
-            f"step must be an integer in 0..{num_steps - 1} for num_steps={num_steps} "
-            f"(0 = the call on the cleanest input), got {step!r}"
-        )
-    backbone = _backbone(
-        model, spec.default_model, device=device, dtype=dtype, model_path=model_path, seed=seed
-    )
-    taps: str | list[str] = {"layer-4": "layer-4", "concat-all": "dhf"}.get(name) or [str(tap)]
-    extractor = FeatureExtractor(
-        backbone,
-        taps=taps,
-        num_steps=num_steps,
-        steps=[step],
-        image_size=image_size,
-        posterior=posterior,
-        seed=seed,
-    )
-    output_size = 64 if name == "concat-all" else None
-    return TapMethod(extractor, name=name, label=spec.label, output_size=output_size)
-
-
-def _create_hyperfeatures(
-    *,
-    model: Any,
-    model_path: str | os.PathLike[str] | None,
-    aggregator: Any,
-    device: str | torch.device,
-    dtype: str | torch.dtype | None,
-    image_size: int | None,
-    num_steps: int | None,
-    steps: str | list[int] | None,
-    first_k: int | None,
-    top1: Literal["raw", "bottleneck"] | None,
-    posterior: Literal["mean", "sample"],
-    seed: int,
-    batch_size: int,
-) -> HyperfeatureMethod:
-    from ..pipeline import HyperfeaturePipeline
-
-    network, provenance = _resolve_network(aggregator, device)
-    if network is not None:
-        if steps is not None:
-            raise ValueError(
-                "steps is for an untrained network; a trained aggregator mixes the steps it "
-                f"was trained on ({list(network.steps)}); use first_k to prune them"
-            )
-        if num_steps is not None and num_steps != network.num_inference_steps:
-            raise ValueError(
-                f"num_steps={num_steps} differs from the T={network.num_inference_steps} the "
-                "aggregator was trained with; drop num_steps (use first_k to stop early)"
-            )
-    default = "sd15" if network is None or not network.backbone else str(network.backbone)
-    backbone = _backbone(
-        model, default, device=device, dtype=dtype, model_path=model_path, seed=seed
-    )
-    pipe = HyperfeaturePipeline.from_pretrained(
-        backbone,
-        network,
-        num_steps=50 if num_steps is None else num_steps,
-        steps="every:5" if steps is None else steps,
-        seed=seed,
-        image_size=image_size,
-        first_k=first_k,
-        top1=top1,
-        posterior=posterior,
-    )
-    return HyperfeatureMethod(pipe, aggregator=provenance, first_k=first_k, batch_size=batch_size)
-
-
-def _create_vit(
-    spec: MethodSpec,
-    model: Any,
-    model_path: str | os.PathLike[str] | None,
-    device: str | torch.device,
-    dtype: str | torch.dtype | None,
-    image_size: int | None,
-    seed: int,
-) -> ViTMethod:
-    from ..backbones import resolve_dtype
-    from ..vit import ViTDescriptor
-
-    if isinstance(model, ViTDescriptor):
-        vit = model
-    else:
-        vit = ViTDescriptor.from_pretrained(
-            model or spec.default_model,
             model_path=model_path,
-            device=device,
-            dtype=resolve_dtype(dtype),
-            seed=seed,
+            seed=effective.seed,
         )
-    return ViTMethod(vit, name=spec.name, label=spec.label, input_size=image_size)
+    if spec.head == "aggregation":
+        provenance = _provenance(aggregator)
+        if network is None:
+            warnings.warn(
+                "no aggregator given: using an UNTRAINED aggregation network (random "
+                "bottlenecks, uniform mixing weights); pass an aggregator for meaningful "
+                "descriptors",
+                UserWarning,
+                stacklevel=2,
+            )
+            network = untrained_network(source, effective)
+            effective = network.settings
+        pipeline: Any = HyperfeaturePipeline(
+            source, network, settings=effective, first_k=first_k, top1=top1
+        )
+        return DescriptorMethod(
+            name, spec.label, pipeline, aggregator=provenance, batch_size=batch_size
+        )
+    extractor = FeatureExtractor(source, effective)
+    output_size = 64 if spec.head == "concat" else None
+    pipeline = DescriptorPipeline.raw_taps(extractor, output_size=output_size)
+    return DescriptorMethod(name, spec.label, pipeline, batch_size=batch_size)
+
+
+def _provenance(aggregator: Any) -> str | None:
+    if aggregator is None:
+        return None
+    if isinstance(aggregator, str | os.PathLike):
+        return os.fspath(aggregator)
+    return "AggregationNetwork object"

@@ -116,7 +116,7 @@ class EvalResult:
     Attributes:
         dataset: dataset name.
         method: the method's :meth:`~hyperfeatures.evaluation.Method.describe` record.
-        load_size: matching grid side.
+        match_size: matching grid side.
         alphas: PCK alphas.
         accumulator: the per-pair PCK counts (:class:`~hyperfeatures.metrics.PCKAccumulator`).
         predictions: per-pair :class:`PairPrediction`, in evaluation order.
@@ -127,7 +127,7 @@ class EvalResult:
 
     dataset: str
     method: dict[str, Any]
-    load_size: int
+    match_size: int
     alphas: tuple[float, ...]
     accumulator: PCKAccumulator
     predictions: list[PairPrediction]
@@ -189,7 +189,7 @@ class EvalResult:
             f"{'; '.join(parts)} over {overall['pairs']} pairs, {overall['keypoints']} keypoints; "
             f"{t['seconds_per_pair']:.3f} s per pair, descriptor "
             f"{_fmt_bytes(t['descriptor_bytes'])} "
-            f"({_fmt_bytes(t['descriptor_bytes_at_load_size'])} at {self.load_size} px)"
+            f"({_fmt_bytes(t['descriptor_bytes_at_match_size'])} at {self.match_size} px)"
         )
 
     def table(self) -> Table:
@@ -205,7 +205,7 @@ class EvalResult:
 
         label = self.method.get("label", self.method.get("method", "method"))
         table = Table(
-            title=f"{label} on {self.dataset}: PCK (%), load size {self.load_size}",
+            title=f"{label} on {self.dataset}: PCK (%), match size {self.match_size}",
             caption="img / bbox: pooled over keypoints; img* / bbox*: mean over pairs",
             box=box.SIMPLE_HEAD,
             padding=0,
@@ -266,11 +266,11 @@ class EvalResult:
             },
             "method": self.method,
             "settings": {
-                "load_size": self.load_size,
+                "match_size": self.match_size,
                 "alphas": list(self.alphas),
                 "threshold": "alpha * max(W, H) of the target image (img) / target bbox (bbox)",
                 "matching": "cosine nearest neighbour on descriptors bilinearly upsampled to "
-                "load_size x load_size (the paper's protocol)",
+                "match_size x match_size (the paper's protocol)",
                 **self.settings,
             },
             "summary": self.summary,
@@ -303,7 +303,7 @@ class EvalResult:
         predictions = {
             "dataset": self.dataset,
             "method": self.method.get("method"),
-            "load_size": self.load_size,
+            "match_size": self.match_size,
             "alphas": list(self.alphas),
             "points": "(x, y) pixels of the original images",
             "pairs": [p.to_dict(self.alphas) for p in self.predictions],

@@ -147,7 +147,7 @@ def evaluate(
     method: Method,
     dataset: PairDataset | Sequence[KeypointPair],
     *,
-    load_size: int = 224,
+    match_size: int | None = None,
     alphas: float | Sequence[float] = (0.1,),
     max_pairs: int | None = None,
     progress: bool = True,
@@ -161,15 +161,15 @@ def evaluate(
 
     For each pair: descriptors of the source and target images (computed once per image file
     and kept in an LRU :class:`DescriptorCache`; the images of one pair go through the method as
-    one batch), :func:`~hyperfeatures.correspond.match_points_with_scores` on a ``load_size``
+    one batch), :func:`~hyperfeatures.correspond.match_points_with_scores` on a ``match_size``
     grid (points 1 px outside the image, allowed by the PASCAL-style annotations, are clipped
     onto it), then PCK against the target image size and target box.
 
     Args:
         method: a :class:`Method` (see :func:`create_method`).
         dataset: a :class:`~hyperfeatures.datasets.PairDataset` (or a sequence of pairs).
-        load_size: matching grid side (224 in the paper); diffusion methods also resize
-            images to it before the VAE.
+        match_size: matching grid side; default the method's (``settings.matching_size``:
+            ``match_size``, else ``load_size``, 224 in the paper).
         alphas: PCK alphas (0.1 in the paper).
         max_pairs: evaluate only the first N pairs.
         progress: show a progress bar.
@@ -184,8 +184,8 @@ def evaluate(
         ``descriptor_seconds_per_image`` (mean and median over computed images),
         ``match_seconds_per_pair``, ``total_seconds``, ``images_computed``, ``cache_hits``,
         ``descriptor_shape`` ``[C, h, w]``, ``descriptor_bytes`` (one stored descriptor) and
-        ``descriptor_bytes_at_load_size`` (the same map upsampled to the load grid in float32,
-        what the matching holds).
+        ``descriptor_bytes_at_match_size`` (the same map upsampled to the matching grid in
+        float32, what the matching holds).
 
     Raises:
         ValueError: bad arguments, an empty dataset, descriptors of the wrong shape or with
@@ -201,7 +201,9 @@ def evaluate(
         TimeRemainingColumn,
     )
 
-    load_size = _as_positive_int(load_size, "load_size")
+    match_size = _as_positive_int(
+        method.match_size if match_size is None else match_size, "match_size"
+    )
     figures = _as_positive_int(figures, "figures", allow_zero=True)
     accumulator = PCKAccumulator(alphas)
     alpha_list = accumulator.alphas
@@ -238,7 +240,7 @@ def evaluate(
     with bar, torch.no_grad():
         task = bar.add_task(f"{method.name} on {dataset_name}", total=len(pairs))
         for pair, pair_id in zip(pairs, ids, strict=True):
-            descs, seconds, computed = _pair_descriptors(method, pair, pair_id, cache, load_size)
+            descs, seconds, computed = _pair_descriptors(method, pair, pair_id, cache)
             if computed:
                 image_seconds.extend([seconds / computed] * computed)
             src_desc, trg_desc = descs
@@ -247,7 +249,7 @@ def evaluate(
                     "descriptor_shape": [int(n) for n in src_desc.shape],
                     "descriptor_dtype": str(src_desc.dtype).removeprefix("torch."),
                     "descriptor_bytes": _nbytes(src_desc),
-                    "descriptor_bytes_at_load_size": int(src_desc.shape[0]) * load_size**2 * 4,
+                    "descriptor_bytes_at_match_size": int(src_desc.shape[0]) * match_size**2 * 4,
                     "device": str(src_desc.device),
                 }
             t0 = time.perf_counter()
@@ -257,7 +259,7 @@ def evaluate(
                 torch.tensor(pair.source_points),
                 src_size=pair.source_size,
                 trg_size=pair.target_size,
-                load_size=load_size,
+                match_size=match_size,
                 clip=True,
                 dtype=torch.float32,
             )
@@ -316,7 +318,7 @@ def evaluate(
     result = EvalResult(
         dataset=dataset_name,
         method=dict(method.describe()),
-        load_size=load_size,
+        match_size=match_size,
         alphas=alpha_list,
         accumulator=accumulator,
         predictions=predictions,
@@ -335,7 +337,6 @@ def _pair_descriptors(
     pair: KeypointPair,
     pair_id: str,
     cache: DescriptorCache,
-    load_size: int,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float, int]:
     """``((src (C, h, w), trg (C, h, w)), seconds spent computing, images computed)``."""
     sides = (("source", pair.source_path), ("target", pair.target_path))
@@ -357,7 +358,7 @@ def _pair_descriptors(
             for _, path in missing
         ]
         t0 = time.perf_counter()
-        desc = method.descriptors(images, load_size=load_size)
+        desc = method.descriptors(images)
         if isinstance(desc, torch.Tensor):
             _sync(desc)
         seconds = time.perf_counter() - t0
@@ -375,7 +376,7 @@ def match_pair(
     target: Image.Image,
     points: Any,
     *,
-    load_size: int = 224,
+    match_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Transfer points from one image to another with a method (the ``match`` command).
 
@@ -383,7 +384,7 @@ def match_pair(
         method: a :class:`Method`.
         source, target: PIL images.
         points: ``(N, 2)`` ``(x, y)`` pixels of the source image, inside ``[0, W) x [0, H)``.
-        load_size: matching grid side.
+        match_size: matching grid side (default the method's).
 
     Returns:
         ``(predicted (N, 2) (x, y) pixels of the target image, similarity (N,))`` as float64
@@ -392,11 +393,11 @@ def match_pair(
     Raises:
         ValueError: a point outside the source image (the message names it).
     """
-    load_size = _as_positive_int(load_size, "load_size")
+    match_size = _as_positive_int(
+        method.match_size if match_size is None else match_size, "match_size"
+    )
     with torch.no_grad():
-        desc = method.descriptors(
-            [source.convert("RGB"), target.convert("RGB")], load_size=load_size
-        )
+        desc = method.descriptors([source.convert("RGB"), target.convert("RGB")])
         desc = _check_descriptors(method, desc, 2, ["source image", "target image"])
         matches = match_points_with_scores(
             desc[0],
@@ -404,7 +405,7 @@ def match_pair(
             torch.as_tensor(np.asarray(points, dtype=np.float64)),
             src_size=source.size,
             trg_size=target.size,
-            load_size=load_size,
+            match_size=match_size,
             dtype=torch.float32,
         )
     return (
