@@ -2,10 +2,12 @@
 
 Public API (imported lazily, so ``from hyperfeatures import pck`` does not load diffusers):
 
+- :class:`Settings`: the one settings record (what to extract).
+- :func:`load_source` (diffusion models, DINO / DINOv2, any torch module via
+  :class:`ModuleSource`), :func:`list_taps`, :func:`capture`.
 - :class:`HyperfeaturePipeline`: images -> descriptor maps ``(B, 384, 64, 64)``.
 - :class:`FeatureExtractor`: raw activations of any tap at any diffusion step.
 - :class:`AggregationNetwork`, :func:`load_official_checkpoint`.
-- :func:`load_backbone`, :func:`list_taps`, :func:`capture`.
 - :func:`match_points`, :func:`dense_flow`, :func:`pck`, :class:`PCKAccumulator`.
 """
 
@@ -17,19 +19,23 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "Settings": "config",
     "HyperfeaturePipeline": "pipeline",
+    "DescriptorPipeline": "pipeline",
     "FeatureExtractor": "pipeline",
-    "ExtractionConfig": "pipeline",
     "AggregationNetwork": "aggregation",
     "load_official_checkpoint": "aggregation",
-    "load_backbone": "backbones",
-    "list_backbones": "backbones",
+    "load_source": "sources",
+    "list_sources": "sources",
+    "load_backbone": "sources",
+    "ViTSource": "sources",
+    "ModuleSource": "sources",
     "list_taps": "taps",
     "capture": "taps",
     "KeepAll": "sinks",
     "StreamingAggregator": "sinks",
     "DiskWriter": "sinks",
-    "read_feature_file": "sinks",
+    "read_feature_file": "cache",
     "match_points": "correspond",
     "match_points_with_scores": "correspond",
     "mutual_nearest_neighbors": "correspond",
@@ -37,7 +43,6 @@ _EXPORTS = {
     "warp_image": "correspond",
     "pck": "metrics",
     "PCKAccumulator": "metrics",
-    "ViTDescriptor": "vit",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

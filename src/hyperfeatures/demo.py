@@ -15,7 +15,6 @@ Runs on a CPU in about a minute, downloads nothing:
 
 from __future__ import annotations
 
-import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -42,6 +41,7 @@ def run_demo(
     console: Console | None = None,
 ) -> list[Path]:
     """Run the demo and return the paths it wrote."""
+    from .config import Settings
     from .correspond import dense_flow, match_points_with_scores, warp_image
     from .extract import ExtractJob
     from .pipeline import HyperfeaturePipeline, untrained_network
@@ -54,36 +54,32 @@ def run_demo(
     paths = sample_image_paths()
 
     console.print("[bold]1.[/bold] raw features of the sample images -> safetensors")
-    job = ExtractJob(
-        out=out / "features",
+    settings = Settings(
         model="tiny-sd",
         taps="dhf",
         num_steps=num_steps,
         steps="all",
         image_size=image_size,
-        device=device,
-        overwrite=True,
-        console=console,
+        load_size=None,
+    )
+    job = ExtractJob(
+        out=out / "features", settings=settings, device=device, overwrite=True, console=console
     )
     summary = job.run_images([str(p) for p in paths])
     written.append(Path(summary["manifest"]))
     ex = job.extractor
     assert ex is not None
-    backbone = ex.backbone
+    backbone = ex.source
 
     console.print("[bold]2.[/bold] hyperfeature descriptors (untrained aggregation network)")
-    network = untrained_network(
-        backbone, taps="dhf", num_steps=num_steps, steps="every:3", image_size=image_size
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = HyperfeaturePipeline(backbone, network, image_size=image_size)
+    network = untrained_network(backbone, settings.replace(steps="every:3", load_size=image_size))
+    pipe = HyperfeaturePipeline(backbone, network)
     cat = Image.open(paths[0]).convert("RGB")
     w, h = cat.size
     shift = w // 8
     crop_a = cat.crop((0, 0, w - shift, h))
     crop_b = cat.crop((shift, 0, w, h))  # crop_b(x, y) = crop_a(x + shift, y)
-    desc = pipe([crop_a, crop_b], load_size=image_size)
+    desc = pipe([crop_a, crop_b])
     console.print(f"   descriptors: {tuple(desc.shape)} (B, P, 64, 64)")
 
     console.print("[bold]3.[/bold] keypoint transfer on a pair with a known answer")
@@ -92,7 +88,7 @@ def run_demo(
         [[x, y] for x in (0.35, 0.5, 0.65, 0.8) for y in (0.3, 0.5, 0.7)], dtype=torch.float32
     ) * torch.tensor([size[0], size[1]], dtype=torch.float32)
     res = match_points_with_scores(
-        desc[0], desc[1], points, src_size=size, trg_size=size, load_size=image_size
+        desc[0], desc[1], points, src_size=size, trg_size=size, match_size=image_size
     )
     truth = points - torch.tensor([shift, 0.0])
     err = (res.points - truth).norm(dim=1)

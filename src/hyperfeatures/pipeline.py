@@ -133,9 +133,7 @@ class FeatureExtractor:
                 f"{self.source.kind} source {self.source.name!r} does not generate images; "
                 "use a diffusion model for prompts"
             )
-        return run_prompts(
-            prompts, sink, self.settings, first_index=first_index, noise=noise
-        )
+        return run_prompts(prompts, sink, self.settings, first_index=first_index, noise=noise)
 
     def extract(
         self, images: ImageInput, *, output_size: int | None = None

@@ -692,8 +692,7 @@ def check_compatible(
         problems.append(f"channel mismatches: {_listing(wrong)}")
     if num_steps is not None and num_steps != network.num_steps:
         problems.append(
-            f"the network was trained with num_steps={network.num_steps}, "
-            f"the run uses {num_steps}"
+            f"the network was trained with num_steps={network.num_steps}, the run uses {num_steps}"
         )
     if problems:
         raise ValueError(

@@ -131,7 +131,6 @@ _TINY_VAE: dict[str, Any] = {
 }
 
 
-
 # --------------------------------------------------------------------------- random weights
 def offline_tokenizer(max_length: int = 77) -> Any:
     """A byte-level CLIP tokenizer built in memory (no files, no download).

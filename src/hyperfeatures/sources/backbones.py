@@ -89,7 +89,6 @@ class Conditioning:
         return Conditioning(hidden, added)
 
 
-
 # --------------------------------------------------------------------------- the source
 class Backbone(FeatureSource):
     """A latent diffusion model ready for feature extraction (the ``diffusion`` source).
@@ -307,9 +306,9 @@ class Backbone(FeatureSource):
         self.check_settings(settings)
         taps = self.resolve_taps(settings.taps)
         latents = self.encode(images, settings, first_index=first_index)
-        cond = self.encode_prompts(
-            [settings.prompt], image_size=self.image_size(settings)
-        ).repeat(latents.shape[0])
+        cond = self.encode_prompts([settings.prompt], image_size=self.image_size(settings)).repeat(
+            latents.shape[0]
+        )
         return run_with_taps(
             self.unet,
             taps,
@@ -636,6 +635,7 @@ def _cast(module: nn.Module, dtype: torch.dtype) -> None:
         module.to(dtype)
     finally:
         dlogging.set_verbosity(level)
+
 
 def _build_random(key: str, *, seed: int, dtype: torch.dtype) -> Backbone:
     spec = source_spec(key)
