@@ -7,7 +7,7 @@ import json
 from PIL import Image
 
 from hyperfeatures.demo import run_demo, sample_image_paths
-from hyperfeatures.sinks import read_feature_file
+from hyperfeatures.cache import read_feature_file
 
 
 def test_sample_images_are_bundled():

@@ -20,15 +20,27 @@ from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
-from hyperfeatures.sources.backbones import Backbone
+from hyperfeatures.cache import read_feature_file
 from hyperfeatures.cli import app
+from hyperfeatures.config import Settings
 from hyperfeatures.datasets.images import load_image
 from hyperfeatures.pipeline import FeatureExtractor
-from hyperfeatures.sinks import read_feature_file
+from hyperfeatures.sources.backbones import Backbone
 from hyperfeatures.taps import list_taps, resolve_taps
 
 DHF = [f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)]
-FAST = ["--num-steps", "3", "--steps", "all", "--image-size", "64"]
+FAST = [
+    "--model",
+    "tiny-sd",
+    "--num-steps",
+    "3",
+    "--steps",
+    "all",
+    "--image-size",
+    "64",
+    "--load-size",
+    "none",
+]
 
 
 def _invoke(*args: str) -> Result:
@@ -91,21 +103,21 @@ def test_layers_table_does_not_truncate_names() -> None:
 
 
 def test_layers_sd15_dhf_offline() -> None:
-    result = _invoke("layers", "--model", "sd15", "--preset", "dhf", "--json")
+    result = _invoke("layers", "--model", "sd15", "--taps", "dhf", "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == DHF
     assert [r["channels"] for r in rows] == [1280] * 6 + [640] * 3 + [320] * 3
     sizes = [8, 8, 8, 16, 16, 16, 32, 32, 32, 64, 64, 64]
     assert [r["size"] for r in rows] == [[s, s] for s in sizes]
-    table = _invoke("layers", "--model", "sd15", "--preset", "dhf")
+    table = _invoke("layers", "--model", "sd15", "--taps", "dhf")
     assert table.exit_code == 0 and "1280" in table.stdout
 
 
 def test_layers_unknown_preset() -> None:
-    result = _invoke("layers", "--model", "tiny-sd", "--preset", "nope")
+    result = _invoke("layers", "--model", "tiny-sd", "--taps", "nope")
     assert result.exit_code == 2
-    assert "unknown preset 'nope'" in result.output
+    assert "tap 'nope' is not in" in result.output and "Presets:" in result.output
 
 
 # --------------------------------------------------------------------------- extract images
@@ -124,9 +136,11 @@ def test_extract_end_to_end(tmp_path: Path, image_dir: Path, tiny_sd: Backbone) 
             for tap, value in maps[step].items():
                 assert value.shape == (infos[tap].channels, *infos[tap].size)  # type: ignore[misc]
                 assert value.dtype == torch.float32
-        assert meta["model"] == "tiny-sd"
-        assert meta["tap_names"] == DHF and meta["steps"] == [0, 1, 2]
-        assert meta["num_steps"] == 3 and meta["image_size"] == 64
+        assert meta["model"] == "tiny-sd" and meta["dtype"] == "float32"
+        settings = meta["settings"]
+        assert settings["taps"] == DHF and settings["steps"] == [0, 1, 2]
+        assert settings["num_steps"] == 3 and settings["image_size"] == 64
+        assert settings["load_size"] is None and settings["model"] == "tiny-sd"
         assert meta["source"].endswith(f"{name}.{'png' if name == 'a' else 'jpg'}")
         assert meta["original_size"] == size
     manifest = _manifest(out)
@@ -138,7 +152,9 @@ def test_extract_end_to_end(tmp_path: Path, image_dir: Path, tiny_sd: Backbone) 
     assert not list(out.glob(".*"))  # no temporary files left
 
     # the CLI computes what the library computes
-    ex = FeatureExtractor(tiny_sd, taps="dhf", num_steps=3, steps="all", image_size=64)
+    ex = FeatureExtractor(
+        tiny_sd, Settings(num_steps=3, steps="all", image_size=64, load_size=None)
+    )
     lib = ex.extract([load_image(image_dir / "a.png")])
     maps, _ = read_feature_file(out / "a.safetensors")
     for step in range(3):
@@ -193,11 +209,18 @@ def test_existing_outputs_resume_and_overwrite(tmp_path: Path, image_dir: Path) 
     assert (out / "a.safetensors").stat().st_ino == first.st_ino  # not rewritten
     assert [i["status"] for i in _manifest(out)["items"]] == ["skipped"]
 
-    other = _invoke(
-        *args[:-6], "--num-steps", "2", "--steps", "all", "--image-size", "64", "--resume"
-    )
-    assert other.exit_code != 0
-    assert "other settings" in (other.output + str(other.exception))
+    for flag, value in [
+        ("--num-steps", "2"),
+        ("--load-size", "48"),
+        ("--seed", "3"),
+        ("--posterior", "sample"),
+        ("--prompt", "a cat"),
+        ("--output-size", "8"),
+        ("--storage", "fp16"),
+    ]:
+        other = _invoke(*args, flag, value, "--resume")
+        assert other.exit_code == 2, (flag, other.output)
+        assert "other settings" in other.output, flag
 
     overwritten = _invoke(*args, "--overwrite")
     assert overwritten.exit_code == 0, overwritten.output
@@ -256,7 +279,7 @@ def test_extract_fp16_storage(tmp_path: Path, image_dir: Path) -> None:
     assert sorted(maps) == [0, 1, 2]
     assert {t.dtype for s in maps.values() for t in s.values()} == {torch.float16}
     assert maps[0]["up_blocks.3.resnets.2"].shape == (16, 8, 8)
-    assert _manifest(out)["storage"] == "fp16"
+    assert _manifest(out)["settings"]["storage"] == "fp16"
     bad = _invoke("extract", str(image_dir), "--out", str(out), "--storage", "int8", *FAST)
     assert bad.exit_code == 2
 
@@ -304,7 +327,7 @@ def test_unknown_tap_exits_2_with_one_line(tmp_path: Path, image_dir: Path) -> N
         [
             sys.executable,
             "-m",
-            "hyperfeatures.cli",
+            "hyperfeatures",
             "extract",
             str(image_dir / "a.png"),
             "--taps",

@@ -18,6 +18,8 @@ User errors end in one ``error:`` line and exit code 2, never a traceback.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 from rich.console import Console
@@ -37,6 +39,16 @@ def fail(message: str) -> None:
     """Print one ``error:`` line (user text is never markup) and exit with code 2."""
     err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a user error (``ValueError``, ``OSError``: bad settings, missing files, unknown
+    names) raised inside the block into one ``error:`` line and exit code 2."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        fail(str(err))
 
 
 def main() -> None:

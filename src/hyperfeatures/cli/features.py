@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from . import app, console, err_console, fail
+from . import app, console, err_console, fail, user_errors
 from .options import (
     ConfigOpt,
     DeviceOpt,
@@ -46,12 +46,25 @@ def layers(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """List every tap of a model with channels and map size (diffusion models need no weights)."""
-    from ..config import MAX_SIZE, Settings
+    from ..config import Settings
+
+    with user_errors():
+        _layers(model or Settings().model, size, taps, kind, model_path, as_json)
+
+
+def _layers(
+    name: str,
+    size: int | None,
+    taps: str | None,
+    kind: str | None,
+    model_path: Path | None,
+    as_json: bool,
+) -> None:
+    from ..config import MAX_SIZE
     from ..sources.architectures import unet_architecture
     from ..sources.registry import source_spec
     from ..taps import PRESETS, list_taps, resolve_taps
 
-    name = model or Settings().model
     spec = source_spec(name)
     if size is not None and not 8 <= size <= MAX_SIZE:
         fail(f"--size must be in 8..{MAX_SIZE} pixels, got {size}")
@@ -160,35 +173,36 @@ def extract(
         fail("--resume and --overwrite exclude each other")
     if output_size is not None and not 1 <= output_size <= MAX_SIZE:
         fail(f"--output-size must be in 1..{MAX_SIZE} pixels, got {output_size}")
-    settings = build_settings(
-        config,
-        model=model,
-        taps=taps,
-        num_steps=num_steps,
-        steps=steps,
-        image_size=image_size,
-        load_size=load_size,
-        posterior=posterior,
-        seed=seed,
-        prompt=prompt,
-        guidance_scale=guidance_scale,
-        negative_prompt=negative_prompt,
-    )
-    job = ExtractJob(
-        out=out,
-        settings=settings,
-        model_path=str(model_path) if model_path else None,
-        output_size=output_size,
-        batch_size=batch_size,
-        storage=storage,
-        device=device,
-        dtype=dtype,
-        strict=strict,
-        resume=resume,
-        overwrite=overwrite,
-        console=console,
-    )
-    summary = job.run_prompts(prompts) if prompts is not None else job.run_images(inputs or [])
+    with user_errors():
+        settings = build_settings(
+            config,
+            model=model,
+            taps=taps,
+            num_steps=num_steps,
+            steps=steps,
+            image_size=image_size,
+            load_size=load_size,
+            posterior=posterior,
+            seed=seed,
+            prompt=prompt,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+        )
+        job = ExtractJob(
+            out=out,
+            settings=settings,
+            model_path=str(model_path) if model_path else None,
+            output_size=output_size,
+            batch_size=batch_size,
+            storage=storage,
+            device=device,
+            dtype=dtype,
+            strict=strict,
+            resume=resume,
+            overwrite=overwrite,
+            console=console,
+        )
+        summary = job.run_prompts(prompts) if prompts else job.run_images(inputs or [])
     _print_summary(summary)
     if summary["failed"] and strict:
         raise typer.Exit(1)
