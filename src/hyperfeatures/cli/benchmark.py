@@ -26,9 +26,9 @@ from .options import (
     SeedOpt,
     StepsOpt,
     TapsOpt,
-    build_settings,
     parse_alphas,
     parse_points,
+    settings_from,
 )
 
 MethodOpt = Annotated[
@@ -128,19 +128,7 @@ def eval_command(
         alphas = parse_alphas(alpha)
         if figures < 0:
             raise ValueError(f"--figures must be >= 0, got {figures}")
-        settings = build_settings(
-            config,
-            model=model,
-            taps=taps,
-            num_steps=num_steps,
-            steps=steps,
-            image_size=image_size,
-            load_size=load_size,
-            match_size=match_size,
-            posterior=posterior,
-            prompt=prompt,
-            seed=seed,
-        )
+        settings = settings_from(locals())
         data = load_dataset(
             dataset,
             data_root,
@@ -229,17 +217,7 @@ def match_command(
                     f"--points entry {i} ({x:g},{y:g}) lies outside the source image {source} of "
                     f"size {w}x{h}; points are (x, y) pixels with 0 <= x < {w}, 0 <= y < {h}"
                 )
-        settings = build_settings(
-            config,
-            model=model,
-            taps=taps,
-            num_steps=num_steps,
-            steps=steps,
-            image_size=image_size,
-            load_size=load_size,
-            match_size=match_size,
-            seed=seed,
-        )
+        settings = settings_from(locals())
         chosen = _create_method(
             method,
             settings,

@@ -27,7 +27,7 @@ from .options import (
     SeedOpt,
     StepsOpt,
     TapsOpt,
-    build_settings,
+    settings_from,
 )
 
 
@@ -174,20 +174,7 @@ def extract(
     if output_size is not None and not 1 <= output_size <= MAX_SIZE:
         fail(f"--output-size must be in 1..{MAX_SIZE} pixels, got {output_size}")
     with user_errors():
-        settings = build_settings(
-            config,
-            model=model,
-            taps=taps,
-            num_steps=num_steps,
-            steps=steps,
-            image_size=image_size,
-            load_size=load_size,
-            posterior=posterior,
-            seed=seed,
-            prompt=prompt,
-            guidance_scale=guidance_scale,
-            negative_prompt=negative_prompt,
-        )
+        settings = settings_from(locals())
         job = ExtractJob(
             out=out,
             settings=settings,

@@ -9,6 +9,7 @@ with the same field names); :func:`build_settings` turns the flags the user gave
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,23 @@ import typer
 
 from ..config import Settings, SettingsError
 
-__all__ = ["build_settings", "parse_alphas", "parse_points", "parse_size"]
+__all__ = ["build_settings", "parse_alphas", "parse_points", "parse_size", "settings_from"]
+
+SETTINGS_FLAGS = (
+    "model",
+    "taps",
+    "num_steps",
+    "steps",
+    "image_size",
+    "load_size",
+    "match_size",
+    "posterior",
+    "seed",
+    "prompt",
+    "guidance_scale",
+    "negative_prompt",
+)
+"""Command parameters that are settings fields (same names as in ``Settings``)."""
 
 _SETTINGS = "Settings (see `hyperfeatures.config`)"
 
@@ -157,6 +174,13 @@ def build_settings(config: Path | None = None, **flags: Any) -> Settings:
         data["load_size"] = size
     data.update({k: v for k, v in flags.items() if v is not None})
     return Settings(**data)
+
+
+def settings_from(arguments: Mapping[str, Any]) -> Settings:
+    """:func:`build_settings` from a command's arguments (``locals()``): ``config`` and every
+    parameter named like a settings field."""
+    flags = {k: arguments[k] for k in SETTINGS_FLAGS if k in arguments}
+    return build_settings(arguments.get("config"), **flags)
 
 
 def parse_alphas(values: list[str] | None) -> list[float]:
