@@ -194,10 +194,12 @@ def test_constructor_rejects_bad_arguments() -> None:
 
 def test_network_refuses_preset_taps() -> None:
     with pytest.raises(ValueError, match=r"by preset 'dhf'.*resolve_taps") as info:
-        AggregationNetwork(Settings(), SD15_CHANNELS)  # taps="dhf", a preset name
+        AggregationNetwork(Settings(taps="dhf"), SD15_CHANNELS)
     assert not isinstance(info.value, SettingsError)  # the record is valid; the network refuses
     with pytest.raises(ValueError, match="preset 'layer-4'"):
         AggregationNetwork(Settings(taps="layer-4"), [1280])
+    with pytest.raises(ValueError, match="preset 'default'"):
+        AggregationNetwork(Settings(), SD15_CHANNELS)  # the default taps are a preset too
 
 
 def test_settings_define_taps_steps_and_metadata() -> None:
@@ -446,11 +448,6 @@ def test_earlier_config_layout_still_loads(tmp_path: Path) -> None:
     assert "settings" in json.loads((tmp_path / "again" / "config.json").read_text())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="network.py network_kwargs: an earlier-layout config with unsorted steps is "
-    "sorted by Settings but its mixing weights are loaded unreordered",
-)
 def test_earlier_layout_with_unsorted_steps_keeps_each_weight_with_its_step(
     tmp_path: Path,
 ) -> None:
@@ -472,12 +469,6 @@ def test_earlier_layout_with_unsorted_steps_keeps_each_weight_with_its_step(
 
 @pytest.mark.parametrize(
     "text", ["{not json", "[1, 2]", '"a string"'], ids=["corrupt", "list", "string"]
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="network.py AggregationNetwork.from_pretrained: huggingface_hub's "
-    "PyTorchModelHubMixin.from_pretrained parses config.json first, so a corrupt file raises "
-    "JSONDecodeError and a non-object one AttributeError, not CheckpointError",
 )
 def test_unreadable_config_json_is_a_checkpoint_error(tmp_path: Path, text: str) -> None:
     _small_net().save_pretrained(tmp_path / "net")

@@ -1,6 +1,9 @@
-"""Tests of the raw-feature engine: ``preprocess_images`` and ``FeatureExtractor`` (tiny-sd)."""
+"""Tests of the raw-feature engine: ``preprocess_images`` (now in
+``hyperfeatures.sources.backbones``) and ``FeatureExtractor`` with a settings record (tiny-sd)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -8,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from hyperfeatures.sources.backbones import Backbone
-from hyperfeatures.sources.diffusion import generation_timesteps
-from hyperfeatures.pipeline import ExtractionConfig, FeatureExtractor, preprocess_images
+from hyperfeatures.config import Settings, SettingsError
+from hyperfeatures.pipeline import FeatureExtractor
 from hyperfeatures.sinks import KeepAll
-from hyperfeatures.taps import TapError, capture
+from hyperfeatures.sources.backbones import Backbone, preprocess_images
+from hyperfeatures.sources.base import EventSink, FeatureSource, ImageInput
+from hyperfeatures.sources.diffusion import generation_timesteps
+from hyperfeatures.taps import TapError, TapInfo, capture
 
 TAPS = [
     "up_blocks.1.resnets.0",
@@ -92,28 +97,51 @@ def test_preprocess_errors() -> None:
         preprocess_images([], image_size=8)
 
 
-def test_config_validation(tiny_sd: Backbone) -> None:
-    with pytest.raises(ValueError, match="num_steps"):
-        ExtractionConfig(num_steps=0)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        ExtractionConfig(image_size=60)
-    with pytest.raises(ValueError, match="posterior"):
-        ExtractionConfig(posterior="median")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="every:N"):
-        ExtractionConfig(steps="every:0")
-    with pytest.raises(ValueError, match="outside"):
-        ExtractionConfig(num_steps=3, steps="0,3")
-    with pytest.raises(ValueError, match="load_size"):
-        ExtractionConfig(load_size=4)
+def test_source_preprocess_follows_the_settings(
+    tiny_sd: Backbone, images: list[Image.Image]
+) -> None:
+    settings = Settings(model="tiny-sd", image_size=64, load_size=32)
+    torch.testing.assert_close(
+        tiny_sd.preprocess(images, settings),
+        preprocess_images(images, image_size=64, load_size=32),
+    )
+    default = Settings(model="tiny-sd", load_size=None)  # image_size: the source's (64)
+    assert tiny_sd.preprocess(images[:1], default).shape == (1, 3, 64, 64)
+
+
+def test_settings_validation(tiny_sd: Backbone) -> None:
+    """The checks of the former ``ExtractionConfig``: the record validates its own fields,
+    the source what depends on the model (the VAE factor, the tap names)."""
+    with pytest.raises(SettingsError, match="num_steps"):
+        Settings(num_steps=0)
+    with pytest.raises(SettingsError, match="posterior"):
+        Settings(posterior="median")  # type: ignore[arg-type]
+    with pytest.raises(SettingsError, match="every:N"):
+        Settings(steps="every:0")
+    with pytest.raises(SettingsError, match="outside"):
+        Settings(num_steps=3, steps="0,3")
+    with pytest.raises(SettingsError, match="load_size"):
+        Settings(load_size=4)
+    with pytest.raises(SettingsError, match="image_size"):
+        Settings(image_size=4)
+    # the VAE factor is the source's business: 60 is a valid record, not a valid tiny-sd input
+    odd = Settings(model="tiny-sd", num_steps=2, steps="all", image_size=60)
+    with pytest.raises(SettingsError, match=r"multiple of the VAE factor 8.*use 56 or 64"):
+        FeatureExtractor(tiny_sd, odd)
     with pytest.raises(TapError, match="hyperfeatures layers"):
-        FeatureExtractor(tiny_sd, taps=["nope"], num_steps=2, steps="all")
-    assert ExtractionConfig().capture_steps == [0, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49]
+        FeatureExtractor(tiny_sd, Settings(taps=["nope"], num_steps=2, steps="all"))
+    # aliases are not a setting (they remain an option of taps.capture)
+    with pytest.raises(SettingsError, match="aliases are an option of capture"):
+        Settings(taps={"up_blocks.1.resnets.0": "l4"})
+    assert Settings().steps == (0, 4, 9, 14, 19, 24, 29, 34, 39, 44, 49)
 
 
 # --------------------------------------------------------------------------- extraction
 def test_extract_shapes_per_step_and_tap(tiny_sd: Backbone, images: list[Image.Image]) -> None:
-    ex = FeatureExtractor(tiny_sd, taps=TAPS, num_steps=5, steps="0,2", image_size=64)
-    assert ex.latent_size == 8
+    settings = Settings(model="tiny-sd", taps=TAPS, num_steps=5, steps="0,2", image_size=64)
+    ex = FeatureExtractor(tiny_sd, settings)
+    assert tiny_sd.latent_size(ex.settings) == 8
+    assert ex.taps == TAPS and ex.steps == [0, 2] and ex.image_size == 64
     counter = _CallCounter(tiny_sd.unet)
     try:
         maps = ex.extract(images)
@@ -133,7 +161,7 @@ def test_extract_shapes_per_step_and_tap(tiny_sd: Backbone, images: list[Image.I
     assert not torch.allclose(maps[0][TAPS[0]], maps[2][TAPS[0]])
 
     # step 0 = the UNet call at t = -1 on the clean latent with the empty prompt
-    latents = ex.encode(images)
+    latents = tiny_sd.encode(images, ex.settings)
     cond = tiny_sd.encode_prompts([""]).repeat(2)
     with torch.no_grad(), capture(tiny_sd.unet, TAPS) as cap:
         tiny_sd.unet(latents, torch.tensor([-1, -1]), **cond.unet_kwargs())
@@ -149,31 +177,34 @@ def test_extract_shapes_per_step_and_tap(tiny_sd: Backbone, images: list[Image.I
 def test_posterior_sample_is_seeded_and_independent_of_batching(
     tiny_sd: Backbone, images: list[Image.Image]
 ) -> None:
-    kwargs = {"taps": "layer-4", "num_steps": 2, "steps": "all", "image_size": 64}
+    base = Settings(model="tiny-sd", taps="layer-4", num_steps=2, steps="all", image_size=64)
     tap = "up_blocks.1.resnets.0"
-    mean = FeatureExtractor(tiny_sd, posterior="mean", **kwargs).extract(images)
-    sampler = FeatureExtractor(tiny_sd, posterior="sample", seed=3, **kwargs)
+    mean = FeatureExtractor(tiny_sd, base.replace(posterior="mean")).extract(images)
+    sampler = FeatureExtractor(tiny_sd, base.replace(posterior="sample", seed=3))
     sample = sampler.extract(images)
     again = sampler.extract(images)
-    other = FeatureExtractor(tiny_sd, posterior="sample", seed=4, **kwargs).extract(images)
+    other = FeatureExtractor(tiny_sd, base.replace(posterior="sample", seed=4)).extract(images)
     for step in (0, 1):
         assert not torch.allclose(sample[step][tap], mean[step][tap], atol=1e-4)
         assert torch.equal(sample[step][tap], again[step][tap])
         assert not torch.allclose(sample[step][tap], other[step][tap], atol=1e-4)
     # the second image alone, at its index in the run, gets the same posterior sample
     single = KeepAll()
-    sampler.run_images([images[1]], single, first_index=1)
+    sampler.run([images[1]], single, first_index=1)
     for step in (0, 1):
         torch.testing.assert_close(
             single.maps[step][tap][0], sample[step][tap][1], rtol=1e-4, atol=1e-5
         )
     # ... and the mean does not depend on the batch at all
-    alone = FeatureExtractor(tiny_sd, posterior="mean", **kwargs).extract([images[1]])
+    alone = FeatureExtractor(tiny_sd, base).extract([images[1]])
     torch.testing.assert_close(alone[1][tap][0], mean[1][tap][1], rtol=1e-4, atol=1e-5)
 
 
 def test_generation_returns_images_and_conditional_features(tiny_sd: Backbone) -> None:
-    ex = FeatureExtractor(tiny_sd, taps=TAPS[:2], num_steps=3, steps="all", image_size=64, seed=7)
+    settings = Settings(
+        model="tiny-sd", taps=TAPS[:2], num_steps=3, steps="all", image_size=64, seed=7
+    )
+    ex = FeatureExtractor(tiny_sd, settings)
     counter = _CallCounter(tiny_sd.unet)
     try:
         images, maps = ex.generate(["a red bird", "a blue car"])
@@ -189,26 +220,104 @@ def test_generation_returns_images_and_conditional_features(tiny_sd: Backbone) -
     # seeded: the same prompts give the same images; noise is per item (seed + index)
     again = ex.run_prompts(["a red bird", "a blue car"], KeepAll())
     torch.testing.assert_close(again, images)
-    noise = ex.initial_noise(2)
-    torch.testing.assert_close(ex.initial_noise(1, first_index=1), noise[1:])
+    noise = tiny_sd.initial_noise(2, ex.settings)
+    torch.testing.assert_close(tiny_sd.initial_noise(1, ex.settings, first_index=1), noise[1:])
     assert noise.shape == (2, 4, 8, 8)
+    # the images come from that noise: passing it explicitly gives the same images
+    explicit = ex.run_prompts(["a red bird", "a blue car"], KeepAll(), noise=noise)
+    torch.testing.assert_close(explicit, images)
 
 
-def test_describe_and_from_pretrained() -> None:
-    ex = FeatureExtractor.from_pretrained(
-        "tiny-sd",
-        taps={"up_blocks.1.resnets.0": "l4"},
+def test_describe_and_from_settings() -> None:
+    settings = Settings(
+        model="tiny-sd",
+        taps=["up_blocks.1.resnets.0"],
         num_steps=4,
         steps="every:2",
         image_size=64,
         load_size=32,
     )
+    ex = FeatureExtractor.from_settings(settings)
+    assert ex.source.name == "tiny-sd" and ex.source.kind == "diffusion"
     info = ex.describe()
-    assert info["model"] == "tiny-sd" and info["family"] == "sd"
-    assert info["taps"] == ["l4"] and info["tap_names"] == ["up_blocks.1.resnets.0"]
-    assert info["steps"] == [0, 1, 3] and info["num_steps"] == 4
-    assert info["image_size"] == 64 and info["load_size"] == 32
-    assert info["posterior"] == "mean" and info["prompt"] == ""
+    assert set(info) == {"settings", "source"}
+    assert info["source"]["model"] == "tiny-sd" and info["source"]["family"] == "sd"
+    assert info["source"]["kind"] == "diffusion" and info["source"]["dtype"] == "float32"
+    s = info["settings"]
+    assert s == ex.settings.to_dict() == settings.to_dict()
+    assert s["model"] == "tiny-sd" and s["taps"] == ["up_blocks.1.resnets.0"]
+    assert s["steps"] == [0, 1, 3] and s["num_steps"] == 4
+    assert s["image_size"] == 64 and s["load_size"] == 32
+    assert s["posterior"] == "mean" and s["prompt"] == ""
     assert ex.image_size == 64
-    default = FeatureExtractor(ex.backbone, num_steps=2, steps="all")
-    assert default.image_size == 64  # the backbone's default
+    default = FeatureExtractor(ex.source, Settings(num_steps=2, steps="all"))
+    assert default.image_size == 64  # the source's default
+
+
+def test_effective_settings_are_resolved(tiny_sd: Backbone) -> None:
+    given = Settings(taps="layer-4", num_steps=2, steps="all")  # model sd15, image_size None
+    ex = FeatureExtractor(tiny_sd, given)
+    assert ex.settings.taps == ("up_blocks.1.resnets.0",)  # the preset, as tap names
+    assert ex.settings.image_size == 64  # filled in from the source
+    assert ex.settings.model == "tiny-sd"  # names the source that computes the features
+    assert ex.settings.differences(given) == [
+        "model: 'tiny-sd' != 'sd15'",
+        "taps: ['up_blocks.1.resnets.0'] != 'layer-4'",
+        "image_size: 64 != None",
+    ]
+    assert ex.taps == ["up_blocks.1.resnets.0"] and ex.steps == [0, 1]
+    assert [i.name for i in ex.tap_info()] == ex.taps
+    # the effective record reproduces itself
+    assert FeatureExtractor(tiny_sd, ex.settings).settings == ex.settings
+    # no settings: the source's name with the default record
+    plain = FeatureExtractor(tiny_sd)
+    assert plain.settings == Settings(model="tiny-sd").replace(
+        taps=tiny_sd.resolve_taps("dhf"), image_size=64
+    )
+    assert len(plain.taps) == 12 and plain.steps == list(Settings().steps)
+
+
+class _OneForward(FeatureSource):
+    """A minimal one-step source that cannot generate images."""
+
+    kind = "module"
+    name = "one-forward"
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def default_image_size(self) -> int:
+        return 8
+
+    def list_taps(self, image_size: int | None = None) -> list[TapInfo]:
+        return [TapInfo(name="t", kind="block", channels=3, size=(8, 8))]
+
+    def resolve_taps(self, taps: str | Sequence[str]) -> list[str]:
+        return ["t"]
+
+    def preprocess(self, images: ImageInput, settings: Settings) -> torch.Tensor:
+        assert isinstance(images, torch.Tensor)
+        return images
+
+    def run(
+        self, images: ImageInput, sink: EventSink, settings: Settings, *, first_index: int = 0
+    ) -> None:
+        sink(0, "t", self.preprocess(images, settings))
+
+
+def test_one_step_sources_and_prompts() -> None:
+    source = _OneForward()
+    with pytest.raises(SettingsError, match=r"set num_steps=1 and steps=\[0\]"):
+        FeatureExtractor(source, Settings())
+    ex = FeatureExtractor(source, Settings(num_steps=1, steps=[0]))
+    assert ex.settings.model == "one-forward" and ex.settings.image_size == 8
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.equal(ex.extract(x)[0]["t"], x)
+    with pytest.raises(ValueError, match="does not generate images"):
+        ex.run_prompts(["a cat"], KeepAll())

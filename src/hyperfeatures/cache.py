@@ -44,12 +44,13 @@ def write_feature_file(
     Args:
         path: destination ``.safetensors`` file.
         tensors: ``{feature_key(step, tap): (C, h, w)}`` (made contiguous, on the CPU).
-        metadata: values stored as strings (JSON-encoded when not already a string).
+        metadata: values stored JSON-encoded (strings too, so that every value reads back
+            with its type).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    meta = {str(k): json.dumps(v, default=str) for k, v in (metadata or {}).items()}
     data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(data, str(tmp), metadata=meta)

@@ -240,6 +240,8 @@ class Settings(BaseModel):
     def _strict_int(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("a boolean")
+        if isinstance(value, str):
+            raise ValueError("a string, not a number")
         if isinstance(value, float) and value.is_integer():
             return int(value)
         return value

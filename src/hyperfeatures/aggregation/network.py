@@ -471,16 +471,30 @@ class AggregationNetwork(
     @classmethod
     def from_pretrained(  # type: ignore[override]
         cls,
-        pretrained_model_name_or_path: str | Path,
-        **kwargs: Any,
+        pretrained_model_name_or_path: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
     ) -> AggregationNetwork:
         """Load a network saved with :meth:`save_pretrained` from a local directory or a Hub
         repository id (``model.safetensors`` + ``config.json``).
 
-        Keyword arguments are those of ``PyTorchModelHubMixin.from_pretrained`` (``revision``,
-        ``cache_dir``, ``local_files_only``, ``token``, ``map_location="cpu"``, ...); weights
-        are loaded strictly. For an official ``.pt`` file use :func:`load_official_checkpoint`.
+        ``revision``, ``cache_dir``, ``force_download``, ``local_files_only`` (default: on
+        when ``HF_HUB_OFFLINE=1``) and ``token`` go to the hub download; weights are loaded
+        strictly onto ``map_location``. For an official ``.pt`` file use
+        :func:`load_official_checkpoint`.
+
+        Raises:
+            FileNotFoundError: no such folder, or it lacks a file.
+            CheckpointError: an unreadable or wrong ``config.json`` or weights file; the
+                message names the file.
         """
+        from ..sources.hub import offline
         name = str(pretrained_model_name_or_path)
         path = Path(name).expanduser()
         if path.is_file():
@@ -506,7 +520,18 @@ class AggregationNetwork(
             raise FileNotFoundError(
                 f"{name} does not exist (and is not a Hub repository id of the form owner/name)"
             )
-        return super().from_pretrained(name, **kwargs)
+        # The hub mixin's own from_pretrained parses config.json before we see it (a corrupt
+        # file would end in a JSONDecodeError): read and validate it ourselves.
+        return cls._from_pretrained(
+            model_id=name,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=offline() if local_files_only is None else local_files_only,
+            token=token,
+            map_location=str(map_location),
+            strict=strict,
+        )
 
     @classmethod
     def _from_pretrained(
@@ -538,10 +563,25 @@ class AggregationNetwork(
             )
 
         config_path = fetch(constants.CONFIG_NAME)
-        model = cls(**network_kwargs(_read_json(config_path), source=config_path))
+        config = _read_json(config_path)
+        model = cls(**network_kwargs(config, source=config_path))
         weights = fetch(constants.SAFETENSORS_SINGLE_FILE)
-        state = load_file(weights, device=str(map_location))
+        try:
+            state = load_file(weights, device=str(map_location))
+        except Exception as err:  # safetensors raises its own error types for bad headers
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"{weights}: not a readable safetensors file ({first}); write it with "
+                "net.save_pretrained(dir) or re-download it"
+            ) from None
         _check_state_dict(model, state, source=weights, strict=strict)
+        file_steps = config.get("steps") if "settings" not in config else None
+        if strict and file_steps is not None and list(file_steps) != list(model.steps):
+            # Earlier releases kept the steps (and mixing-weight rows) in the given order; the
+            # settings record sorts them: move each row with its step.
+            order = [list(file_steps).index(s) for s in model.steps]
+            rows = state["mixing_weights"].view(len(file_steps), model.num_layers)
+            state = {**state, "mixing_weights": rows[order].reshape(-1)}
         model.load_state_dict(state, strict=strict)
         model.to(torch.device(map_location))
         return model.eval()

@@ -14,7 +14,9 @@ give the same translation::
 so ``save_timestep = [49, 45, 40, ..., 5, 0]`` with ``num_timesteps = 50`` becomes
 ``steps = [0, 4, 9, ..., 44, 49]``, and the one-step model (``num_timesteps = 1``,
 ``save_timestep = [0]``) becomes ``steps = [0]``. The order of the list (and hence of the
-mixing weights) is kept unchanged on import and export.
+mixing weights) follows our sorted steps: a file listing its labels in another order has its
+mixing-weight rows reordered with them on import, so every weight stays with its (step,
+layer) pair.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ _LAYER_KEY = re.compile(r"^bottleneck_layers\.(\d+)\.")
 
 
 def official_labels_to_steps(labels: Sequence[int], num_timesteps: int) -> list[int]:
-    """Translate official ``save_timestep`` labels to our step names (order kept).
+    """Translate official ``save_timestep`` labels to our step names (list order kept).
 
     Args:
         labels: the official labels, e.g. ``[49, 45, ..., 5, 0]``; label ``k`` is the call made

@@ -26,6 +26,7 @@ from .report import EvalResult, PairPrediction
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.progress import Progress
 
     from .methods import Method
 
@@ -143,6 +144,146 @@ def _as_positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
     return int(value)
 
 
+def _checked_pairs(
+    dataset: PairDataset | Sequence[KeypointPair], max_pairs: int | None
+) -> tuple[list[KeypointPair], str, int]:
+    """``(pairs to evaluate, dataset name, pairs in the dataset)``; rejects bad items."""
+    pairs = list(dataset)
+    dataset_name = getattr(dataset, "name", "pairs")
+    if not pairs:
+        raise ValueError(f"dataset {dataset_name!r} has no pairs to evaluate")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, KeypointPair):
+            raise ValueError(f"dataset item {i} is a {type(pair).__name__}, not a KeypointPair")
+    dataset_pairs = len(pairs)
+    if max_pairs is not None:
+        pairs = pairs[: _as_positive_int(max_pairs, "max_pairs")]
+    return pairs, dataset_name, dataset_pairs
+
+
+def _unique_pair_ids(pairs: Sequence[KeypointPair]) -> list[str]:
+    """The pairs' ids, prefixed with their position when some repeat."""
+    ids = [p.pair_id for p in pairs]
+    if len(set(ids)) != len(ids):
+        ids = [f"{i:06d}:{pid}" for i, pid in enumerate(ids)]
+    return ids
+
+
+def _progress_bar(console: Console | None, progress: bool) -> Progress:
+    """The rich progress bar of :func:`evaluate` (disabled when ``progress`` is false)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console or Console(stderr=True),
+        disable=not progress,
+    )
+
+
+def _descriptor_info(desc: torch.Tensor, match_size: int) -> dict[str, Any]:
+    """Shape, dtype, bytes and device of one ``(C, h, w)`` descriptor map."""
+    return {
+        "descriptor_shape": [int(n) for n in desc.shape],
+        "descriptor_dtype": str(desc.dtype).removeprefix("torch."),
+        "descriptor_bytes": _nbytes(desc),
+        "descriptor_bytes_at_match_size": int(desc.shape[0]) * match_size**2 * 4,
+        "device": str(desc.device),
+    }
+
+
+def _score_pair(
+    pair: KeypointPair,
+    pair_id: str,
+    descs: tuple[torch.Tensor, torch.Tensor],
+    descriptor_seconds: float,
+    accumulator: PCKAccumulator,
+    *,
+    match_size: int,
+    use_bbox: bool,
+) -> PairPrediction:
+    """Match one pair's points, add them to ``accumulator`` and return the prediction."""
+    src_desc, trg_desc = descs
+    t0 = time.perf_counter()
+    matches = match_points_with_scores(
+        src_desc,
+        trg_desc,
+        torch.tensor(pair.source_points),
+        src_size=pair.source_size,
+        trg_size=pair.target_size,
+        match_size=match_size,
+        clip=True,
+        dtype=torch.float32,
+    )
+    _sync(matches.points)
+    seconds_match = time.perf_counter() - t0
+    predicted = matches.points.cpu().numpy().astype(np.float64)
+    gt = np.array(pair.target_points, dtype=np.float64)  # a writable copy
+    bbox = pair.target_bbox if use_bbox else None
+    scored = accumulator.add_with_flags(  # scored once: counts and flags agree
+        predicted,
+        gt,
+        image_size=pair.target_size,
+        bbox=bbox,
+        category=pair.category,
+        pair_id=pair_id,
+    )
+    correct_bbox = scored.correct_bbox.numpy() if scored.correct_bbox is not None else None
+    return PairPrediction(
+        pair_id=pair_id,
+        category=pair.category,
+        source_path=str(pair.source_path),
+        target_path=str(pair.target_path),
+        source_size=tuple(pair.source_size),  # type: ignore[arg-type]
+        target_size=tuple(pair.target_size),  # type: ignore[arg-type]
+        target_bbox=bbox,
+        source_points=np.asarray(pair.source_points, dtype=np.float64),
+        target_points=gt,
+        predicted_points=predicted,
+        scores=matches.scores.float().cpu().numpy().astype(np.float64),
+        distances=np.linalg.norm(predicted - gt, axis=1),
+        correct_img=scored.correct_img.numpy(),
+        correct_bbox=correct_bbox,
+        descriptor_seconds=descriptor_seconds,
+        match_seconds=seconds_match,
+    )
+
+
+def _timing(
+    image_seconds: Sequence[float],
+    match_seconds: Sequence[float],
+    total: float,
+    cache: DescriptorCache,
+    desc_info: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``timing`` dict of :class:`EvalResult` (see :func:`evaluate`)."""
+    per_image = float(np.mean(image_seconds)) if image_seconds else 0.0
+    per_match = float(np.mean(match_seconds))
+    return {
+        "seconds_per_pair": 2 * per_image + per_match,
+        "descriptor_seconds_per_image": per_image,
+        "descriptor_seconds_per_image_median": (
+            float(np.median(image_seconds)) if image_seconds else 0.0
+        ),
+        "match_seconds_per_pair": per_match,
+        "total_seconds": total,
+        "images_computed": len(image_seconds),
+        "cache_hits": cache.hits,
+        **desc_info,
+    }
+
+
 def evaluate(
     method: Method,
     dataset: PairDataset | Sequence[KeypointPair],
@@ -191,36 +332,15 @@ def evaluate(
         ValueError: bad arguments, an empty dataset, descriptors of the wrong shape or with
             NaN; ImageLoadError / ImageNotFoundError naming the image that failed.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     match_size = _as_positive_int(
         method.match_size if match_size is None else match_size, "match_size"
     )
     figures = _as_positive_int(figures, "figures", allow_zero=True)
     accumulator = PCKAccumulator(alphas)
     alpha_list = accumulator.alphas
-    pairs = list(dataset)
-    dataset_name = getattr(dataset, "name", "pairs")
-    if not pairs:
-        raise ValueError(f"dataset {dataset_name!r} has no pairs to evaluate")
-    for i, pair in enumerate(pairs):
-        if not isinstance(pair, KeypointPair):
-            raise ValueError(f"dataset item {i} is a {type(pair).__name__}, not a KeypointPair")
-    dataset_pairs = len(pairs)
-    if max_pairs is not None:
-        pairs = pairs[: _as_positive_int(max_pairs, "max_pairs")]
+    pairs, dataset_name, dataset_pairs = _checked_pairs(dataset, max_pairs)
     use_bbox = all(p.target_bbox is not None for p in pairs)
-    ids = [p.pair_id for p in pairs]
-    if len(set(ids)) != len(ids):
-        ids = [f"{i:06d}:{pid}" for i, pid in enumerate(ids)]
+    ids = _unique_pair_ids(pairs)
 
     cache = DescriptorCache(cache_items, cache_bytes)
     predictions: list[PairPrediction] = []
@@ -228,93 +348,23 @@ def evaluate(
     match_seconds: list[float] = []
     desc_info: dict[str, Any] = {}  # shape, dtype, bytes and device of one descriptor
     start = time.perf_counter()
-    bar = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        disable=not progress,
-    )
+    bar = _progress_bar(console, progress)
     with bar, torch.no_grad():
         task = bar.add_task(f"{method.name} on {dataset_name}", total=len(pairs))
         for pair, pair_id in zip(pairs, ids, strict=True):
             descs, seconds, computed = _pair_descriptors(method, pair, pair_id, cache)
             if computed:
                 image_seconds.extend([seconds / computed] * computed)
-            src_desc, trg_desc = descs
             if not desc_info:
-                desc_info = {
-                    "descriptor_shape": [int(n) for n in src_desc.shape],
-                    "descriptor_dtype": str(src_desc.dtype).removeprefix("torch."),
-                    "descriptor_bytes": _nbytes(src_desc),
-                    "descriptor_bytes_at_match_size": int(src_desc.shape[0]) * match_size**2 * 4,
-                    "device": str(src_desc.device),
-                }
-            t0 = time.perf_counter()
-            matches = match_points_with_scores(
-                src_desc,
-                trg_desc,
-                torch.tensor(pair.source_points),
-                src_size=pair.source_size,
-                trg_size=pair.target_size,
-                match_size=match_size,
-                clip=True,
-                dtype=torch.float32,
+                desc_info = _descriptor_info(descs[0], match_size)
+            prediction = _score_pair(
+                pair, pair_id, descs, seconds, accumulator, match_size=match_size, use_bbox=use_bbox
             )
-            _sync(matches.points)
-            seconds_match = time.perf_counter() - t0
-            match_seconds.append(seconds_match)
-            predicted = matches.points.cpu().numpy().astype(np.float64)
-            gt = np.array(pair.target_points, dtype=np.float64)  # a writable copy
-            bbox = pair.target_bbox if use_bbox else None
-            scored = accumulator.add_with_flags(  # scored once: counts and flags agree
-                predicted,
-                gt,
-                image_size=pair.target_size,
-                bbox=bbox,
-                category=pair.category,
-                pair_id=pair_id,
-            )
-            correct_bbox = scored.correct_bbox.numpy() if scored.correct_bbox is not None else None
-            predictions.append(
-                PairPrediction(
-                    pair_id=pair_id,
-                    category=pair.category,
-                    source_path=str(pair.source_path),
-                    target_path=str(pair.target_path),
-                    source_size=tuple(pair.source_size),  # type: ignore[arg-type]
-                    target_size=tuple(pair.target_size),  # type: ignore[arg-type]
-                    target_bbox=bbox,
-                    source_points=np.asarray(pair.source_points, dtype=np.float64),
-                    target_points=gt,
-                    predicted_points=predicted,
-                    scores=matches.scores.float().cpu().numpy().astype(np.float64),
-                    distances=np.linalg.norm(predicted - gt, axis=1),
-                    correct_img=scored.correct_img.numpy(),
-                    correct_bbox=correct_bbox,
-                    descriptor_seconds=seconds,
-                    match_seconds=seconds_match,
-                )
-            )
+            match_seconds.append(prediction.match_seconds)
+            predictions.append(prediction)
             bar.advance(task)
     total = time.perf_counter() - start
 
-    per_image = float(np.mean(image_seconds)) if image_seconds else 0.0
-    per_match = float(np.mean(match_seconds))
-    timing = {
-        "seconds_per_pair": 2 * per_image + per_match,
-        "descriptor_seconds_per_image": per_image,
-        "descriptor_seconds_per_image_median": (
-            float(np.median(image_seconds)) if image_seconds else 0.0
-        ),
-        "match_seconds_per_pair": per_match,
-        "total_seconds": total,
-        "images_computed": len(image_seconds),
-        "cache_hits": cache.hits,
-        **desc_info,
-    }
     result = EvalResult(
         dataset=dataset_name,
         method=dict(method.describe()),
@@ -322,7 +372,7 @@ def evaluate(
         alphas=alpha_list,
         accumulator=accumulator,
         predictions=predictions,
-        timing=timing,
+        timing=_timing(image_seconds, match_seconds, total, cache, desc_info),
         dataset_pairs=dataset_pairs,
         figures=figures,
         settings={"max_pairs": max_pairs, "bbox": use_bbox},

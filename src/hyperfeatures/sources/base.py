@@ -90,7 +90,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             f"unknown device {device!r}; use cpu, cuda, cuda:N (or mps on Apple machines)"
         ) from None
     if dev.type == "cuda":
-        if torch.version.cuda is None:
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
             raise ValueError(
                 f"device {device!r}: this torch build ({torch.__version__}) has no CUDA "
                 "support; install a CUDA build of torch (see pytorch.org/get-started) or use "

@@ -46,13 +46,16 @@ def offline() -> bool:
 
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache folder, resolved from the environment now."""
+    def expand(value: str) -> Path:  # as huggingface_hub does: $VARS, then ~
+        return Path(os.path.expanduser(os.path.expandvars(value)))
+
     for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         if os.environ.get(var):
-            return Path(os.environ[var]).expanduser()
+            return expand(os.environ[var])
     home = os.environ.get("HF_HOME")
     if not home:
         home = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    return expand(home) / "hub"
 
 
 def is_hub_id(name: str) -> bool:
