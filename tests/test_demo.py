@@ -6,8 +6,8 @@ import json
 
 from PIL import Image
 
-from hyperfeatures.demo import run_demo, sample_image_paths
 from hyperfeatures.cache import read_feature_file
+from hyperfeatures.demo import run_demo, sample_image_paths
 
 
 def test_sample_images_are_bundled():

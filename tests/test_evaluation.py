@@ -15,6 +15,7 @@ from PIL import Image
 from rich.console import Console
 
 import hyperfeatures.evaluation.runner as runner_module
+from hyperfeatures.config import Settings, SettingsError
 from hyperfeatures.datasets import (
     ImageNotFoundError,
     KeypointPair,
@@ -25,17 +26,21 @@ from hyperfeatures.datasets._testing import write_image, write_spair_fixture
 from hyperfeatures.evaluation import (
     METHODS,
     DescriptorCache,
+    DescriptorMethod,
     EvalResult,
     Method,
     create_method,
     evaluate,
     list_methods,
     match_pair,
+    method_settings,
 )
+from hyperfeatures.pipeline import untrained_network
 from hyperfeatures.sources.backbones import Backbone
 from hyperfeatures.taps import TapError
 
 IMAGE_SIZE = (96, 64)  # (W, H) of the fixture images
+LAYER_4 = "up_blocks.1.resnets.0"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -70,11 +75,12 @@ class ConstantMethod:
     """Every pixel has the same descriptor: all matches tie, the first pixel (0, 0) wins."""
 
     name = "constant"
+    match_size = 32
 
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
         self.batches.append(len(images))
         return torch.ones(len(images), 3, 4, 4)
 
@@ -85,14 +91,14 @@ class ConstantMethod:
 class BadShapeMethod(ConstantMethod):
     name = "bad-shape"
 
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.ones(3, 4, 4)
 
 
 class NaNMethod(ConstantMethod):
     name = "nan"
 
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.full((len(images), 3, 4, 4), float("nan"))
 
 
@@ -117,11 +123,14 @@ def _recompute_pck(pairs: list[dict[str, Any]], kind: str, alpha: float) -> floa
 
 
 # --------------------------------------------------------------------------- end to end
-METHOD_CASES = {
-    "hyperfeatures": {"num_steps": 1, "image_size": 64},
-    "layer-4": {"image_size": 256},  # Layer 4 is 8x8 at 256 px: fine enough to self-match
-    "concat-all": {"image_size": 64},
-    "dino": {"model": "tiny-dino", "image_size": 64},
+# settings of each method, and the matching grid they give (diffusion: load_size 64 is both
+# the pre-VAE resize and the grid; ViT: the input is image_size, the grid the default 224)
+METHOD_CASES: dict[str, tuple[Settings, int]] = {
+    "hyperfeatures": (Settings(model="tiny-sd", num_steps=1, image_size=64, load_size=64), 64),
+    # Layer 4 is 8x8 at 256 px: fine enough to self-match
+    "layer-4": (Settings(model="tiny-sd", image_size=256, load_size=64), 64),
+    "concat-all": (Settings(model="tiny-sd", image_size=64, load_size=64), 64),
+    "dino": (Settings(model="tiny-dino", image_size=64), 224),
 }
 
 
@@ -129,17 +138,17 @@ METHOD_CASES = {
 def test_self_pairs_score_100_and_outputs_agree(
     name: str, spair: PairDataset, tiny_sd: Backbone, tmp_path: Path
 ) -> None:
-    options = dict(METHOD_CASES[name])
-    if METHODS[name].kind == "diffusion":
-        options["model"] = tiny_sd
+    settings, grid = METHOD_CASES[name]
+    source = tiny_sd if settings.model == "tiny-sd" else None
     if name == "hyperfeatures":
         with pytest.warns(UserWarning, match="UNTRAINED"):
-            method = create_method(name, **options)
+            method = create_method(name, settings, source=source)
     else:
-        method = create_method(name, **options)
-    assert isinstance(method, Method)
-    load_size = 224 if name == "dino" else 64
-    result = evaluate(method, spair, load_size=load_size, progress=False, figures=2)
+        method = create_method(name, settings, source=source)
+    assert isinstance(method, Method) and isinstance(method, DescriptorMethod)
+    assert method.match_size == grid
+    result = evaluate(method, spair, progress=False, figures=2)  # the grid: the method's
+    assert result.match_size == grid
 
     # self pairs: every keypoint finds itself
     assert result.pck("img", category="bird") == 100.0
@@ -163,9 +172,14 @@ def test_self_pairs_score_100_and_outputs_agree(
     assert results["summary"] == json.loads(json.dumps(result.summary))
     assert results["dataset"]["pairs_evaluated"] == 4
     assert results["method"]["method"] == name
+    assert results["method"]["settings"]["model"] == settings.model
+    assert results["method"]["settings"]["image_size"] == settings.image_size
+    assert results["method"]["match_size"] == results["settings"]["match_size"] == grid
     assert len(results["pairs"]) == 4
     assert sum(p["keypoints"] for p in results["pairs"]) == total_kps
-    predictions = json.loads(written["predictions"].read_text())["pairs"]
+    predictions_file = json.loads(written["predictions"].read_text())
+    assert predictions_file["match_size"] == grid
+    predictions = predictions_file["pairs"]
     assert [p["pair_id"] for p in predictions] == [p.pair_id for p in spair]
     for kind in ("img", "bbox"):
         expected = _recompute_pck(predictions, kind, 0.1)
@@ -177,8 +191,10 @@ def test_self_pairs_score_100_and_outputs_agree(
     assert timing["images_computed"] == 4  # 2 cat images + 2 bird images, each once
     assert timing["seconds_per_pair"] > 0
     c, h, w = timing["descriptor_shape"]
+    assert c == results["method"]["output_channels"]
     assert timing["descriptor_bytes"] == c * h * w * 4
-    assert timing["descriptor_bytes_at_load_size"] == c * load_size * load_size * 4
+    assert timing["descriptor_bytes_at_match_size"] == c * grid * grid * 4
+    assert "load_size" not in result.settings and "descriptor_bytes_at_load_size" not in timing
 
 
 def test_constant_descriptors_land_on_the_first_pixel(tmp_path: Path) -> None:
@@ -204,7 +220,9 @@ def test_constant_descriptors_land_on_the_first_pixel(tmp_path: Path) -> None:
         pair_id="near",
     )
     method = ConstantMethod()
+    assert isinstance(method, Method)
     result = evaluate(method, PairDataset([far, near], name="hand"), progress=False)
+    assert result.match_size == ConstantMethod.match_size
     for pred in result.predictions:
         np.testing.assert_array_equal(pred.predicted_points, np.zeros((pred.scores.size, 2)))
     assert result.pck("img", category="far") == 0.0
@@ -221,36 +239,44 @@ def test_constant_descriptors_land_on_the_first_pixel(tmp_path: Path) -> None:
     text = Console(record=True, width=200)
     text.print(result.table())
     rendered = text.export_text()
-    assert "Constant on hand" in rendered
+    assert "Constant on hand" in rendered and "match size 32" in rendered
     for row in ("far", "near", "all"):
         assert row in rendered
     assert "40.00" in rendered and "100.00" in rendered
-    assert "PCK@0.1 img 40.00 / bbox 40.00 over 2 pairs, 5 keypoints" in result.summary_line()
+    line = result.summary_line()
+    assert "PCK@0.1 img 40.00 / bbox 40.00 over 2 pairs, 5 keypoints" in line
+    assert "at 32 px" in line
 
 
 class PositionMethod(ConstantMethod):
-    """Descriptor = an injective code of the normalised grid position, on the load grid."""
+    """Descriptor = an injective code of the normalised grid position, on the matching grid."""
 
     name = "position"
 
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
-        t = (torch.arange(load_size, dtype=torch.float32) + 0.5) / load_size * (math.pi / 2)
+    def __init__(self, match_size: int) -> None:
+        super().__init__()
+        self.match_size = match_size
+
+    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
+        n = self.match_size
+        t = (torch.arange(n, dtype=torch.float32) + 0.5) / n * (math.pi / 2)
         ys, xs = torch.meshgrid(t, t, indexing="ij")
         code = torch.stack([xs.cos(), xs.sin(), ys.cos(), ys.sin()])
         return code.expand(len(images), -1, -1, -1).clone()
 
 
-def test_predictions_follow_the_load_grid_protocol(tmp_path: Path) -> None:
-    """Source (96 x 64) to target (48 x 80): a point is scaled onto the load grid, rounded,
+def test_predictions_follow_the_match_grid_protocol(tmp_path: Path) -> None:
+    """Source (96 x 64) to target (48 x 80): a point is scaled onto the matching grid, rounded,
     clipped to it, and the grid position scaled back to the target image (REFERENCE 5)."""
     a = write_image(tmp_path / "a.png", (96, 64), seed=1)
     b = write_image(tmp_path / "b.png", (48, 80), seed=2)
     src = np.array([[0.0, 0.0], [10.2, 50.7], [95.0, 63.0], [47.3, 20.9]])
-    load = 32
-    grid = np.clip(np.round(src * [load / 96, load / 64]), 0, load - 1)  # rounded, clipped
-    expected = grid * [48 / load, 80 / load]
+    grid_side = 32
+    grid = np.clip(np.round(src * [grid_side / 96, grid_side / 64]), 0, grid_side - 1)
+    expected = grid * [48 / grid_side, 80 / grid_side]
     pair = KeypointPair(a, b, src, expected, category="x", target_bbox=(0, 0, 48, 80))
-    result = evaluate(PositionMethod(), [pair], load_size=load, progress=False)
+    result = evaluate(PositionMethod(grid_side), [pair], progress=False)  # the method's grid
+    assert result.match_size == grid_side
     np.testing.assert_allclose(result.predictions[0].predicted_points, expected, atol=1e-4)
     assert result.pck("img") == 100.0
     np.testing.assert_allclose(result.predictions[0].scores, 1.0, atol=1e-5)
@@ -276,7 +302,7 @@ class SeededMethod(ConstantMethod):
 
     name = "seeded"
 
-    def descriptors(self, images: list[Image.Image], *, load_size: int) -> torch.Tensor:
+    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
         maps = []
         for image in images:
             seed = int(np.asarray(image, dtype=np.int64).sum()) % 2**31
@@ -288,7 +314,7 @@ def test_pair_flags_and_accumulator_agree(spair: PairDataset, tmp_path: Path) ->
     """The per-keypoint flags of each prediction and the accumulator's per-pair counts come
     from one scoring: they must agree at every alpha, and match the distances."""
     alphas = (0.05, 0.1, 0.2, 0.5)
-    result = evaluate(SeededMethod(), spair, alphas=alphas, load_size=32, progress=False)
+    result = evaluate(SeededMethod(), spair, alphas=alphas, match_size=32, progress=False)
     records = result.accumulator.pairs
     assert [r.pair_id for r in records] == [p.pair_id for p in result.predictions]
     seen: set[int] = set()
@@ -331,7 +357,7 @@ def test_each_image_is_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(runner_module, "load_image", counting_load)
     method = ConstantMethod()
-    result = evaluate(method, data, load_size=32, progress=False)
+    result = evaluate(method, data, match_size=32, progress=False)
     assert sum(method.batches) == 6
     assert loads == {str(p): 1 for p in paths}
     assert result.timing["images_computed"] == 6
@@ -339,7 +365,7 @@ def test_each_image_is_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     # a cache of one entry must recompute, and give the same predictions
     loads.clear()
-    small = evaluate(ConstantMethod(), data, load_size=32, progress=False, cache_items=1)
+    small = evaluate(ConstantMethod(), data, match_size=32, progress=False, cache_items=1)
     assert small.timing["images_computed"] > 6
     for p, q in zip(result.predictions, small.predictions, strict=True):
         np.testing.assert_array_equal(p.predicted_points, q.predicted_points)
@@ -373,8 +399,12 @@ def test_bad_descriptors_and_missing_images_fail_clearly(spair_root: Path, tmp_p
         evaluate(NaNMethod(), data, progress=False)
     with pytest.raises(ValueError, match="no pairs"):
         evaluate(ConstantMethod(), PairDataset([], name="empty"), progress=False)
-    with pytest.raises(ValueError, match="load_size"):
-        evaluate(ConstantMethod(), data, load_size=0, progress=False)
+    with pytest.raises(ValueError, match="match_size must be a positive integer, got 0"):
+        evaluate(ConstantMethod(), data, match_size=0, progress=False)
+    zero_grid = ConstantMethod()
+    zero_grid.match_size = 0  # a method's own grid is checked the same way
+    with pytest.raises(ValueError, match="match_size must be a positive integer, got 0"):
+        evaluate(zero_grid, data, progress=False)
     with pytest.raises(ValueError, match="max_pairs"):
         evaluate(ConstantMethod(), data, max_pairs=0, progress=False)
 
@@ -396,78 +426,220 @@ def test_max_pairs_keeps_the_first_pairs(spair: PairDataset) -> None:
 
 # --------------------------------------------------------------------------- the factory
 def test_unknown_method_and_misplaced_options(tiny_sd: Backbone) -> None:
-    with pytest.raises(ValueError, match=r"unknown method 'sift'.*hyperfeatures.*tap:<name>"):
+    with pytest.raises(ValueError, match=r"unknown method 'sift'\. Choose from .*hyperfeatures"):
         create_method("sift")
+    with pytest.raises(ValueError, match=r"unknown method 'sift'.*tap:<name>"):
+        create_method("sift")
+    with pytest.raises(ValueError, match=r"unknown method 'layer4'\. Did you mean 'layer-4'\?"):
+        create_method("layer4")
     assert list_methods()[:5] == ["hyperfeatures", "layer-4", "concat-all", "dino", "dinov2"]
-    with pytest.raises(ValueError, match=r"aggregator='x\.pt'.*not an option of method 'dino'"):
-        create_method("dino", model="tiny-dino", aggregator="x.pt")
-    with pytest.raises(ValueError, match=r"first_k=3.*'layer-4'"):
-        create_method("layer-4", model=tiny_sd, first_k=3)
-    with pytest.raises(ValueError, match=r"step must be an integer in 0\.\.0"):
-        create_method("layer-4", model=tiny_sd, step=1)
+    assert {n: s.head for n, s in METHODS.items()} == {
+        "hyperfeatures": "aggregation",
+        "layer-4": "raw",
+        "concat-all": "concat",
+        "dino": "raw",
+        "dinov2": "raw",
+    }
+    with pytest.raises(ValueError, match=r"aggregator: not an option of method 'dino'"):
+        create_method("dino", Settings(model="tiny-dino"), aggregator="x.pt")
+    with pytest.raises(ValueError, match=r"first_k: not an option of method 'layer-4'"):
+        create_method("layer-4", source=tiny_sd, first_k=3)
+    # the one step of a one-step method (T = 1) can only be step 0
+    with pytest.raises(SettingsError, match=r"steps \[1\] are outside 0\.\.0"):
+        create_method("layer-4", Settings(steps=[1]), source=tiny_sd)
     with pytest.raises(TapError, match="hyperfeatures layers"):
-        create_method("tap:up_blocks.9.resnets.0", model=tiny_sd, image_size=64)
+        create_method("tap:up_blocks.9.resnets.0", Settings(image_size=64), source=tiny_sd)
     with pytest.raises(ValueError, match="needs a tap name"):
         create_method("tap:")
 
 
 def test_tap_and_concat_all_descriptors(tiny_sd: Backbone) -> None:
     images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (30, 40), "white")]
-    tap = create_method("tap:up_blocks.3.resnets.2", model=tiny_sd, image_size=64)
-    desc = tap.descriptors(images, load_size=64)
+    tap = create_method("tap:up_blocks.3.resnets.2", Settings(image_size=64), source=tiny_sd)
+    desc = tap.descriptors(images)
     assert desc.shape == (2, 16, 8, 8) and desc.dtype == torch.float32
     info = tap.describe()
-    assert info["taps"] == ["up_blocks.3.resnets.2"] and info["steps"] == [0]
-    assert info["num_steps"] == 1
-    concat = create_method("concat-all", model=tiny_sd, image_size=64, num_steps=2, step=1)
-    desc = concat.descriptors(images, load_size=64)
+    assert info["settings"]["taps"] == ["up_blocks.3.resnets.2"] and info["settings"]["steps"] == [
+        0
+    ]
+    assert info["settings"]["num_steps"] == 1
+    assert info["model"] == info["settings"]["model"] == "tiny-sd"  # named by the given source
+    # one step of a longer inversion: T = 2, keep step 1
+    concat = create_method(
+        "concat-all", Settings(image_size=64, num_steps=2, steps=[1]), source=tiny_sd
+    )
+    desc = concat.descriptors(images)
     info = concat.describe()
     assert desc.shape == (2, info["output_channels"], 64, 64)
-    assert len(info["taps"]) == 12 and info["steps"] == [1] and info["label"] == "SD-Concat-All"
-    layer4 = create_method("layer-4", model=tiny_sd, image_size=64).describe()
-    assert layer4["taps"] == ["up_blocks.1.resnets.0"] and layer4["label"] == "SD-Layer-4"
+    assert len(info["settings"]["taps"]) == 12 and info["settings"]["steps"] == [1]
+    assert info["settings"]["num_steps"] == 2 and info["label"] == "SD-Concat-All"
+    layer4 = create_method("layer-4", Settings(image_size=64), source=tiny_sd).describe()
+    assert layer4["settings"]["taps"] == [LAYER_4] and layer4["label"] == "SD-Layer-4"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RuntimeError,
+    reason="library bug: a 'raw' head (layer-4, tap:<name>) with explicit taps of different "
+    "map sizes is accepted by create_method (evaluation/methods.py: raw_taps(extractor, "
+    "output_size=None)) and then fails inside sinks.Stack / KeepAll.stacked (torch.cat) with "
+    "an opaque RuntimeError instead of a ValueError naming the taps",
+)
+def test_raw_head_refuses_taps_of_different_sizes(tiny_sd: Backbone) -> None:
+    taps = ["up_blocks.0.resnets.0", "up_blocks.3.resnets.0"]  # 1x1 and 8x8 at 64 px
+    with pytest.raises(ValueError):
+        method = create_method("layer-4", Settings(taps=taps, image_size=64), source=tiny_sd)
+        method.descriptors([Image.new("RGB", (32, 32), "white")])
 
 
 def test_trained_aggregator_sources(tiny_sd: Backbone, tmp_path: Path) -> None:
-    from hyperfeatures.pipeline import untrained_network
-
-    net = untrained_network(tiny_sd, num_steps=2, steps="all", image_size=64, projection_dim=128)
-    with pytest.raises(ValueError, match="T=2 the aggregator was trained with"):
-        create_method("hyperfeatures", model=tiny_sd, aggregator=net, num_steps=5)
-    with pytest.raises(ValueError, match="steps is for an untrained network"):
-        create_method("hyperfeatures", model=tiny_sd, aggregator=net, steps="all")
+    net = untrained_network(
+        tiny_sd,
+        Settings(model="tiny-sd", num_steps=2, steps="all", image_size=64),
+        projection_dim=128,
+    )
+    with pytest.raises(SettingsError, match=r"^num_steps: .*T=2, steps \[0, 1\]"):
+        create_method("hyperfeatures", Settings(num_steps=5), source=tiny_sd, aggregator=net)
+    with pytest.raises(SettingsError, match=r"^steps: a trained aggregator mixes"):
+        create_method("hyperfeatures", Settings(steps="all"), source=tiny_sd, aggregator=net)
     net.save_pretrained(tmp_path / "agg")
     method = create_method(
-        "hyperfeatures", model=tiny_sd, aggregator=tmp_path / "agg", image_size=64, first_k=1
+        "hyperfeatures",
+        Settings(image_size=64),
+        source=tiny_sd,
+        aggregator=tmp_path / "agg",
+        first_k=1,
     )
     info = method.describe()
     assert info["aggregator"] == str(tmp_path / "agg") and not info["untrained"]
-    assert info["steps"] == [0] and info["first_k"] == 1
-    desc = method.descriptors([Image.new("RGB", (20, 20), "gray")], load_size=64)
+    assert info["settings"]["steps"] == [0] and info["first_k"] == 1
+    assert info["settings"]["num_steps"] == 2
+    desc = method.descriptors([Image.new("RGB", (20, 20), "gray")])
     assert desc.shape == (1, 128, 64, 64)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        create_method("hyperfeatures", model=tiny_sd, aggregator=tmp_path / "nope.pt")
+        create_method("hyperfeatures", source=tiny_sd, aggregator=tmp_path / "nope.pt")
+
+
+def test_create_method_layers_settings(tiny_sd: Backbone, tmp_path: Path) -> None:
+    """Method defaults, then a trained network's saved settings, then the explicit fields."""
+    given = Settings(model="tiny-sd", image_size=64)
+    assert given.model_fields_set == {"model", "image_size"}
+    # explicit fields only: layer-4 stays a one-step method on its tap
+    layer4 = create_method("layer-4", given, source=tiny_sd)
+    assert layer4.settings.taps == (LAYER_4,)
+    assert (layer4.settings.num_steps, layer4.settings.steps) == (1, (0,))
+    assert layer4.settings.image_size == 64
+    assert layer4.settings.load_size == 224 and layer4.match_size == 224  # record defaults
+    assert given.model_fields_set == {"model", "image_size"}  # the record is left alone
+    assert method_settings("layer-4", given) == Settings(
+        model="tiny-sd", image_size=64, taps="layer-4", num_steps=1, steps=[0]
+    )
+    # an explicit field wins over a method default, the other defaults stay
+    chosen = method_settings("concat-all", Settings(num_steps=3, steps=[2]))
+    assert (chosen.taps, chosen.num_steps, chosen.steps) == ("dhf", 3, (2,))
+    assert method_settings("dino", Settings(image_size=64)).model == "dino-vits8"
+    assert method_settings("hyperfeatures") == Settings()  # no defaults of its own
+
+    # a trained network brings its saved settings (here load_size 48, seed 5) ...
+    saved = Settings(model="tiny-sd", num_steps=2, steps="all", image_size=64, load_size=48, seed=5)
+    net = untrained_network(tiny_sd, saved, projection_dim=128)
+    net.save_pretrained(tmp_path / "agg")
+    trained = create_method(
+        "hyperfeatures",
+        Settings(model="tiny-sd", image_size=128),
+        source=tiny_sd,
+        aggregator=tmp_path / "agg",
+    )
+    s = trained.settings
+    assert s.taps == net.taps and (s.num_steps, s.steps) == (2, (0, 1))
+    assert (s.load_size, s.seed) == (48, 5) and trained.match_size == 48
+    assert s.image_size == 128  # ... and explicit fields override them
+    assert trained.descriptors([Image.new("RGB", (30, 20), "gray")]).shape == (1, 128, 64, 64)
+    assert trained.describe()["untrained"] is False
+    # the network's own taps and steps may be repeated; other ones are refused, by name
+    same = create_method(
+        "hyperfeatures",
+        Settings(num_steps=2, steps=[0, 1]),
+        source=tiny_sd,
+        aggregator=tmp_path / "agg",
+    )
+    assert same.settings.steps == (0, 1)
+    with pytest.raises(SettingsError, match=r"^steps: .*trained on \(T=2, steps \[0, 1\]\)"):
+        create_method(
+            "hyperfeatures",
+            Settings(num_steps=2, steps=[1]),
+            source=tiny_sd,
+            aggregator=tmp_path / "agg",
+        )
+    with pytest.raises(SettingsError, match=r"^taps: "):
+        create_method(
+            "hyperfeatures", Settings(taps=[LAYER_4]), source=tiny_sd, aggregator=tmp_path / "agg"
+        )
+
+
+def test_match_size_sets_only_the_grid(tiny_sd: Backbone, spair: PairDataset) -> None:
+    """``match_size`` changes the matching grid, never the descriptors; ``load_size`` is the
+    grid when ``match_size`` is not given; ``evaluate(match_size=...)`` overrides both."""
+    # (built with keywords: a record from Settings.replace sets every field explicitly, which
+    # would override the method's defaults)
+    base = {"model": "tiny-sd", "image_size": 64, "load_size": 64}
+    plain = create_method("layer-4", Settings(**base), source=tiny_sd)
+    finer = create_method("layer-4", Settings(**base, match_size=48), source=tiny_sd)
+    assert (plain.match_size, finer.match_size) == (64, 48)
+    assert finer.settings.matching_size == 48 and plain.settings.matching_size == 64
+    first = list(spair)[:1]
+    images = [Image.open(first[0].source_path).convert("RGB")]
+    torch.testing.assert_close(plain.descriptors(images), finer.descriptors(images))
+    result = evaluate(finer, first, progress=False)
+    assert result.match_size == 48
+    assert result.to_json()["settings"]["match_size"] == 48
+    c = result.timing["descriptor_shape"][0]
+    assert result.timing["descriptor_bytes_at_match_size"] == c * 48 * 48 * 4
+    override = evaluate(finer, first, match_size=16, progress=False)
+    assert override.match_size == 16
+    assert override.timing["descriptor_shape"] == result.timing["descriptor_shape"]
+    # on a 16-grid, predictions are grid cells scaled back to the 96 x 64 target
+    cells = override.predictions[0].predicted_points / [96 / 16, 64 / 16]
+    np.testing.assert_allclose(cells, np.round(cells), atol=1e-4)
+    # load_size none: resize directly, the grid is the model input
+    direct = create_method("layer-4", Settings(**{**base, "load_size": None}), source=tiny_sd)
+    assert direct.match_size == 64 and direct.settings.load_size is None
 
 
 def test_vit_methods_use_their_own_input_size() -> None:
-    dino = create_method("dino", model="tiny-dino", image_size=64)
-    desc = dino.descriptors([Image.new("RGB", (50, 30), "white")], load_size=224)
+    dino = create_method("dino", Settings(model="tiny-dino", image_size=64))
+    image = Image.new("RGB", (50, 30), "white")
+    desc = dino.descriptors([image])
     assert desc.shape == (1, 32, 8, 8)  # 64 px input, patch 8
     info = dino.describe()
-    assert (info["layer"], info["facet"], info["input_size"]) == (9, "key", 64)
-    v2 = create_method("dinov2", model="tiny-dinov2")
-    assert v2.describe()["input_size"] == 770 and v2.describe()["facet"] == "token"
-    with pytest.raises(ValueError, match="multiple of the patch size"):
-        create_method("dino", model="tiny-dino", image_size=60)
+    taps = info["settings"]["taps"]
+    assert len(taps) == 1 and taps[0].endswith(".9:k")  # block 9, keys
+    assert info["settings"]["image_size"] == 64 and info["source"]["patch_size"] == 8
+    assert dino.match_size == 224  # the grid: load_size (default 224), not the ViT input
+    # load_size does not touch a ViT's input: same descriptors, other grid
+    other = create_method("dino", Settings(model="tiny-dino", image_size=64, load_size=32))
+    assert other.match_size == 32
+    torch.testing.assert_close(other.descriptors([image]), desc)
+    v2 = create_method("dinov2", Settings(model="tiny-dinov2"))
+    v2_info = v2.describe()
+    assert v2_info["settings"]["image_size"] == 770
+    assert len(v2_info["settings"]["taps"]) == 1
+    assert v2_info["settings"]["taps"][0].endswith(".11")  # block 11 tokens (no :q/:k/:v)
+    with pytest.raises(SettingsError, match=r"multiple .*of the patch size"):
+        create_method("dino", Settings(model="tiny-dino", image_size=60))
 
 
 def test_match_pair_checks_points(tmp_path: Path) -> None:
     img = Image.new("RGB", IMAGE_SIZE, "white")
-    pred, scores = match_pair(ConstantMethod(), img, img, [[10, 20]], load_size=32)
+    pred, scores = match_pair(ConstantMethod(), img, img, [[10, 20]], match_size=32)
     np.testing.assert_array_equal(pred, [[0.0, 0.0]])
     assert scores.shape == (1,)
+    pred, _ = match_pair(PositionMethod(16), img, img, [[50, 30]])  # the method's grid
+    np.testing.assert_allclose(pred, [[np.round(50 / 6) * 6, np.round(30 / 4) * 4]], atol=1e-4)
     with pytest.raises(ValueError, match="outside the source image"):
-        match_pair(ConstantMethod(), img, img, [[96, 20]], load_size=32)
+        match_pair(ConstantMethod(), img, img, [[96, 20]], match_size=32)
+    with pytest.raises(ValueError, match="match_size"):
+        match_pair(ConstantMethod(), img, img, [[10, 20]], match_size=0)
 
 
 def test_eval_result_write_refuses_a_file(tmp_path: Path) -> None:

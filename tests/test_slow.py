@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperfeatures.sources.backbones import load_backbone
+from hyperfeatures.config import Settings
 from hyperfeatures.pipeline import FeatureExtractor, HyperfeaturePipeline, untrained_network
+from hyperfeatures.sources.backbones import load_backbone
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,8 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize(("name", "image_size"), [("sd15", 512), ("sd21", 256), ("sdxl", 256)])
 def test_real_architecture_one_step(name, image_size):
     backbone = load_backbone(name, random_weights=True)
-    ex = FeatureExtractor(backbone, taps="dhf", num_steps=1, steps="all", image_size=image_size)
+    settings = Settings(model=name, num_steps=1, image_size=image_size)
+    ex = FeatureExtractor(backbone, settings)
     maps = ex.extract(torch.rand(1, 3, 96, 128))
     infos = ex.tap_info()
     assert [i.name for i in infos] == list(maps[0])
@@ -29,9 +31,7 @@ def test_real_architecture_one_step(name, image_size):
     if name == "sd15":
         assert [i.channels for i in infos] == [1280] * 6 + [640] * 3 + [320] * 3
         assert [i.size[0] for i in infos] == [8] * 3 + [16] * 3 + [32] * 3 + [64] * 3
-        net = untrained_network(backbone, num_steps=1, steps="all", image_size=image_size)
-        desc = HyperfeaturePipeline(backbone, net, image_size=image_size)(
-            torch.rand(1, 3, 96, 128), load_size=224
-        )
+        net = untrained_network(backbone, settings)
+        desc = HyperfeaturePipeline(backbone, net)(torch.rand(1, 3, 96, 128))
         assert desc.shape == (1, 384, 64, 64)
         assert torch.isfinite(desc).all()

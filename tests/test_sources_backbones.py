@@ -257,7 +257,9 @@ def test_backbone_list_and_resolve_taps(tiny_sd: Backbone) -> None:
         "up_blocks.1.resnets.0",
         "up_blocks.2.upsamplers.0",
     ]
-    assert set(tiny_sd.presets()) == {"dhf", "layer-4", "concat-all", "attention", "extended"}
+    presets = {"default", "dhf", "layer-4", "concat-all", "attention", "extended"}
+    assert set(tiny_sd.presets()) == presets
+    assert tiny_sd.resolve_taps("default") == dhf  # the default of diffusion sources
     assert all(isinstance(d, str) and d for d in tiny_sd.presets().values())
     with pytest.raises(TapError, match=r"up_blocks\.1\.resnets\.0"):
         tiny_sd.resolve_taps(["up_blocks.1.resnet.0"])

@@ -18,7 +18,6 @@ from diffusers import DDIMScheduler
 from torch import nn
 
 from hyperfeatures.config import parse_steps
-from hyperfeatures.sinks import KeepAll
 from hyperfeatures.sources.backbones import Backbone, Conditioning
 from hyperfeatures.sources.diffusion import (
     NoiseSchedule,
@@ -432,9 +431,11 @@ def test_guided_generation_reads_features_from_the_conditional_branch(
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     cond = tiny_sd.encode_prompts(["a red bird on a branch"])
     uncond = tiny_sd.encode_prompts([""])
-    keep = KeepAll()
+    kept: dict[int, dict[str, torch.Tensor]] = {}
     batches: list[int] = []
-    with capture(tiny_sd.unet, TAPS_CFG, keep) as cap:
+    with capture(
+        tiny_sd.unet, TAPS_CFG, lambda step, tap, m: kept.setdefault(step, {}).update({tap: m})
+    ) as cap:
         before, after = capture_steps_hooks(cap, [num_steps - 1])
 
         def set_slice(s: slice | None) -> None:
@@ -459,11 +460,11 @@ def test_guided_generation_reads_features_from_the_conditional_branch(
         finally:
             handle.remove()
     assert batches == [2] * num_steps  # [uncond; cond] at every call
-    assert keep.steps == [num_steps - 1]  # only the wanted step fired
+    assert list(kept) == [num_steps - 1]  # only the wanted step fired
     want = _plain_maps(tiny_sd, noise, first_t, cond)
     unwanted = _plain_maps(tiny_sd, noise, first_t, uncond)
     for tap in TAPS_CFG:
-        got = keep.maps[num_steps - 1][tap]
+        got = kept[num_steps - 1][tap]
         assert got.shape[0] == 1
         torch.testing.assert_close(got, want[tap], rtol=1e-4, atol=1e-5)
         assert (got - unwanted[tap]).abs().max() > 1e-3

@@ -338,7 +338,8 @@ def test_presets_on_tiny_sd(tiny_sd: Backbone) -> None:
         "upsampler",
     }
     assert all(n.startswith("up_blocks.") for n in extended)
-    assert set(PRESETS) == {"dhf", "layer-4", "concat-all", "attention", "extended"}
+    assert set(PRESETS) == {"default", "dhf", "layer-4", "concat-all", "attention", "extended"}
+    assert list(resolve_taps(unet, "default")) == DHF_TINY_SD  # diffusion's default = dhf
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from .aggregation import AggregationNetwork
+    from .config import Settings
+    from .sources import FeatureSource
 
 SAMPLES = ("chelsea.jpg", "coffee.jpg", "astronaut.jpg")
 
@@ -41,12 +47,6 @@ def run_demo(
     console: Console | None = None,
 ) -> list[Path]:
     """Run the demo and return the paths it wrote."""
-    from .config import Settings
-    from .correspond import dense_flow, match_points_with_scores, warp_image
-    from .extract import ExtractJob
-    from .pipeline import HyperfeaturePipeline, untrained_network
-    from .viz import plot_correspondences, plot_mixing_weights, plot_warp, save_pca_images
-
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +54,41 @@ def run_demo(
     paths = sample_image_paths()
 
     console.print("[bold]1.[/bold] raw features of the sample images -> safetensors")
+    backbone, settings, manifest = _extract_features(
+        out, paths, device=device, image_size=image_size, num_steps=num_steps, console=console
+    )
+    written.append(manifest)
+
+    console.print("[bold]2.[/bold] hyperfeature descriptors (untrained aggregation network)")
+    network, crops, shift, desc = _hyperfeatures_of_shifted_crops(
+        backbone, settings, paths[0], image_size
+    )
+    console.print(f"   descriptors: {tuple(desc.shape)} (B, P, 64, 64)")
+
+    console.print("[bold]3.[/bold] keypoint transfer on a pair with a known answer")
+    written.append(_transfer_keypoints(out, crops, shift, desc, image_size, console))
+
+    console.print("[bold]4.[/bold] PCA images, mixing weights, dense warp")
+    written += _write_visuals(out, crops, desc, network)
+    return written
+
+
+def _extract_features(
+    out: Path,
+    paths: list[Path],
+    *,
+    device: str,
+    image_size: int,
+    num_steps: int,
+    console: Console,
+) -> tuple[FeatureSource, Settings, Path]:
+    """Step 1: raw features of ``paths`` under ``out/features``.
+
+    Returns ``(backbone, settings, manifest path)``.
+    """
+    from .config import Settings
+    from .extract import ExtractJob
+
     settings = Settings(
         model="tiny-sd",
         taps="dhf",
@@ -66,23 +101,44 @@ def run_demo(
         out=out / "features", settings=settings, device=device, overwrite=True, console=console
     )
     summary = job.run_images([str(p) for p in paths])
-    written.append(Path(summary["manifest"]))
     ex = job.extractor
     assert ex is not None
-    backbone = ex.source
+    return ex.source, settings, Path(summary["manifest"])
 
-    console.print("[bold]2.[/bold] hyperfeature descriptors (untrained aggregation network)")
+
+def _hyperfeatures_of_shifted_crops(
+    backbone: FeatureSource, settings: Settings, image_path: Path, image_size: int
+) -> tuple[AggregationNetwork, tuple[Image.Image, Image.Image], int, torch.Tensor]:
+    """Step 2: descriptors of two crops of one image, the second shifted right.
+
+    Returns ``(untrained network, (crop_a, crop_b), shift in pixels, descriptors)``.
+    """
+    from .pipeline import HyperfeaturePipeline, untrained_network
+
     network = untrained_network(backbone, settings.replace(steps="every:3", load_size=image_size))
     pipe = HyperfeaturePipeline(backbone, network)
-    cat = Image.open(paths[0]).convert("RGB")
+    cat = Image.open(image_path).convert("RGB")
     w, h = cat.size
     shift = w // 8
     crop_a = cat.crop((0, 0, w - shift, h))
     crop_b = cat.crop((shift, 0, w, h))  # crop_b(x, y) = crop_a(x + shift, y)
     desc = pipe([crop_a, crop_b])
-    console.print(f"   descriptors: {tuple(desc.shape)} (B, P, 64, 64)")
+    return network, (crop_a, crop_b), shift, desc
 
-    console.print("[bold]3.[/bold] keypoint transfer on a pair with a known answer")
+
+def _transfer_keypoints(
+    out: Path,
+    crops: tuple[Image.Image, Image.Image],
+    shift: int,
+    desc: torch.Tensor,
+    image_size: int,
+    console: Console,
+) -> Path:
+    """Step 3: match a grid of points across the crops, report PCK, write the figure."""
+    from .correspond import match_points_with_scores
+    from .viz import plot_correspondences
+
+    crop_a, crop_b = crops
     size = crop_a.size
     points = torch.tensor(
         [[x, y] for x in (0.35, 0.5, 0.65, 0.8) for y in (0.3, 0.5, 0.7)], dtype=torch.float32
@@ -109,10 +165,21 @@ def run_demo(
         out=fig_path,
         title="tiny-sd, untrained aggregator: cat -> shifted crop",
     )
-    written.append(fig_path)
+    return fig_path
 
-    console.print("[bold]4.[/bold] PCA images, mixing weights, dense warp")
-    written += list(
+
+def _write_visuals(
+    out: Path,
+    crops: tuple[Image.Image, Image.Image],
+    desc: torch.Tensor,
+    network: AggregationNetwork,
+) -> list[Path]:
+    """Step 4: PCA images, the mixing-weight heat map and a dense warp; returns their paths."""
+    from .correspond import dense_flow, warp_image
+    from .viz import plot_mixing_weights, plot_warp, save_pca_images
+
+    crop_a, crop_b = crops
+    written = list(
         save_pca_images(
             [desc[0], desc[1]],
             [out / "pca_source.png", out / "pca_target.png"],

@@ -495,6 +495,7 @@ class AggregationNetwork(
                 message names the file.
         """
         from ..sources.hub import offline
+
         name = str(pretrained_model_name_or_path)
         path = Path(name).expanduser()
         if path.is_file():

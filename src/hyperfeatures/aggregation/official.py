@@ -145,6 +145,196 @@ def _torch_load_safely(path: Path, map_location: str | torch.device) -> Any:
         ) from err
 
 
+def _read_checkpoint_layout(
+    path: Path, map_location: str | torch.device
+) -> tuple[Mapping[str, Any], Mapping[str, Tensor]]:
+    """``(config, state dict)`` of an official checkpoint file, its top-level layout checked."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such checkpoint file (the official weights are "
+            "aggregation_network.pt, aggregation_network_one-step.pt, "
+            "aggregation_network_sdv2-1.pt)"
+        )
+    ckpt = _torch_load_safely(path, map_location)
+    if not isinstance(ckpt, Mapping) or "aggregation_network" not in ckpt:
+        found = sorted(map(str, ckpt.keys())) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path}: expected a dict with 'config' and 'aggregation_network' (the official "
+            f"checkpoint layout), found {found}"
+        )
+    ignored = sorted(str(k) for k in ckpt if k not in ("config", "aggregation_network"))
+    if ignored:
+        logger.info("%s: ignoring non-network entries %s", path, ignored)
+    config = ckpt.get("config")
+    if not isinstance(config, Mapping):
+        raise CheckpointError(
+            f"{path}: field 'config' is missing or not a dict; it must hold at least "
+            "save_timestep and num_timesteps"
+        )
+    state = ckpt["aggregation_network"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: field 'aggregation_network' must be a state dict")
+    return config, state
+
+
+def _steps_from_config(config: Mapping[str, Any], path: Path) -> tuple[Any, Any, list[int]]:
+    """``(save_timestep labels, num_timesteps, our steps)`` from the config."""
+    for field in ("save_timestep", "num_timesteps"):
+        if field not in config:
+            raise CheckpointError(f"{path}: config field {field!r} is missing")
+    labels, num_timesteps = config["save_timestep"], config["num_timesteps"]
+    if not isinstance(labels, list | tuple) or not labels:
+        raise CheckpointError(
+            f"{path}: config field 'save_timestep' must be a non-empty list, got {labels!r}"
+        )
+    try:
+        steps = official_labels_to_steps(list(labels), num_timesteps)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: config fields save_timestep/num_timesteps: {err}") from err
+    return labels, num_timesteps, steps
+
+
+def _channels_from_state(state: Mapping[str, Tensor], path: Path) -> list[int]:
+    """Input channels of each bottleneck layer (one entry per layer), from the state dict."""
+    layer_ids = sorted({int(m.group(1)) for k in state if (m := _LAYER_KEY.match(str(k)))})
+    if not layer_ids:
+        raise CheckpointError(
+            f"{path}: 'aggregation_network' has no bottleneck_layers.* keys; found "
+            f"{_listing(sorted(map(str, state)))}"
+        )
+    num_layers = layer_ids[-1] + 1
+    channels: list[int] = []
+    no_channels = []
+    for layer in range(num_layers):
+        probe = [f"bottleneck_layers.{layer}.0.{c}.weight" for c in ("conv1", "shortcut")]
+        weight = next((state[k] for k in probe if k in state and state[k].ndim == 4), None)
+        if weight is None:
+            no_channels.append(probe[0])
+            channels.append(1)
+        else:
+            channels.append(int(weight.shape[1]))
+    if no_channels:
+        raise CheckpointError(
+            f"{path}: cannot read the input channels: missing or mis-shaped keys "
+            f"{_listing(no_channels)}"
+        )
+    return channels
+
+
+def _projection_dim(config: Mapping[str, Any], state: Mapping[str, Tensor], path: Path) -> Any:
+    """``projection_dim`` of the config, else of the first ``conv3`` weight, else 384."""
+    conv3 = state.get("bottleneck_layers.0.0.conv3.weight")
+    projection_dim = config.get("projection_dim")
+    if projection_dim is None:
+        projection_dim = int(conv3.shape[0]) if conv3 is not None else 384
+    if not _is_int(projection_dim):
+        raise CheckpointError(f"{path}: config field 'projection_dim' must be an int")
+    return projection_dim
+
+
+def _taps_from_config(config: Mapping[str, Any], num_layers: int, path: Path) -> list[str]:
+    """Tap names from the config's ``idxs`` (default the paper's 12), one per layer."""
+    idxs = config.get("idxs")
+    if idxs is None:
+        taps = list(PAPER_TAPS)
+    else:
+        try:
+            taps = [f"up_blocks.{int(i)}.resnets.{int(j)}" for i, j in idxs]
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{path}: config field 'idxs' must be a list of (block, resnet) pairs: {err}"
+            ) from err
+    if len(taps) != num_layers:
+        raise CheckpointError(
+            f"{path}: the state dict has {num_layers} bottleneck layers but "
+            f"{'config field idxs names' if idxs is not None else 'the paper preset has'} "
+            f"{len(taps)} taps"
+        )
+    return taps
+
+
+def _checked_mixing_weights(
+    config: Mapping[str, Any],
+    state: Mapping[str, Tensor],
+    channels: list[int],
+    num_steps: int,
+    path: Path,
+) -> Tensor | None:
+    """The file's mixing weights (or ``None``), after checking ``dims`` and their size."""
+    num_layers = len(channels)
+    dims = config.get("dims")
+    if dims is not None and [int(d) for d in dims] != channels:
+        raise CheckpointError(
+            f"{path}: config field 'dims' = {list(dims)} disagrees with the state dict's "
+            f"input channels {channels}"
+        )
+    mixing = state.get("mixing_weights")
+    if mixing is not None and mixing.numel() != num_layers * num_steps:
+        raise CheckpointError(
+            f"{path}: 'mixing_weights' has {mixing.numel()} entries but save_timestep lists "
+            f"S={num_steps} steps and there are L={num_layers} layers (expected L*S="
+            f"{num_layers * num_steps}); the config does not belong to these weights"
+        )
+    return mixing
+
+
+def _network_from_config(
+    config: Mapping[str, Any],
+    path: Path,
+    *,
+    labels: Any,
+    num_timesteps: Any,
+    steps: list[int],
+    taps: list[str],
+    channels: list[int],
+    projection_dim: Any,
+) -> AggregationNetwork:
+    """A fresh (untrained) network with the checkpoint's settings."""
+    mode = config.get("diffusion_mode", "inversion")
+    if mode not in _MODES:
+        raise CheckpointError(f"{path}: config field 'diffusion_mode' = {mode!r} not in {_MODES}")
+    model_id = config.get("model_id")
+    official = _json_safe(dict(config))
+    if len(set(steps)) != len(steps):
+        raise CheckpointError(f"{path}: config field 'save_timestep' repeats a label: {labels}")
+    try:
+        settings = Settings(
+            model=source_for_model_id(model_id) or Settings().model,
+            taps=taps,
+            num_steps=int(num_timesteps),
+            steps=steps,
+        )
+        return AggregationNetwork(
+            settings,
+            channels,
+            projection_dim=projection_dim,
+            num_norm_groups=int(config.get("num_norm_groups", 32)),
+            output_size=int(config.get("output_resolution", 64)),
+            mode=mode,
+            extra={"official_config": official},
+        )
+    except ValueError as err:
+        raise CheckpointError(f"{path}: config does not describe a valid network: {err}") from err
+
+
+def _load_official_weights(
+    network: AggregationNetwork,
+    state: Mapping[str, Tensor],
+    mixing: Tensor | None,
+    steps: list[int],
+    path: Path,
+) -> None:
+    """Check ``state`` against ``network`` and load it, mixing rows put in our step order."""
+    _check_state_dict(network, state, source=str(path))
+    state = dict(state)
+    if mixing is not None and list(network.steps) != steps:
+        # Our steps are sorted; the file's mixing weights follow its label order: reorder
+        # the (S, L) rows so each weight stays with its (step, layer) pair.
+        order = [steps.index(s) for s in network.steps]
+        state["mixing_weights"] = mixing.view(len(steps), len(network.channels))[order].reshape(-1)
+    network.load_state_dict(state, strict=True)
+
+
 def load_official_checkpoint(
     path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> AggregationNetwork:
@@ -175,140 +365,23 @@ def load_official_checkpoint(
             missing / unexpected / mis-shaped network keys (all listed).
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: no such checkpoint file (the official weights are "
-            "aggregation_network.pt, aggregation_network_one-step.pt, "
-            "aggregation_network_sdv2-1.pt)"
-        )
-    ckpt = _torch_load_safely(path, map_location)
-    if not isinstance(ckpt, Mapping) or "aggregation_network" not in ckpt:
-        found = sorted(map(str, ckpt.keys())) if isinstance(ckpt, Mapping) else type(ckpt).__name__
-        raise CheckpointError(
-            f"{path}: expected a dict with 'config' and 'aggregation_network' (the official "
-            f"checkpoint layout), found {found}"
-        )
-    ignored = sorted(str(k) for k in ckpt if k not in ("config", "aggregation_network"))
-    if ignored:
-        logger.info("%s: ignoring non-network entries %s", path, ignored)
-    config = ckpt.get("config")
-    if not isinstance(config, Mapping):
-        raise CheckpointError(
-            f"{path}: field 'config' is missing or not a dict; it must hold at least "
-            "save_timestep and num_timesteps"
-        )
-    state = ckpt["aggregation_network"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: field 'aggregation_network' must be a state dict")
-
-    # --- steps
-    for field in ("save_timestep", "num_timesteps"):
-        if field not in config:
-            raise CheckpointError(f"{path}: config field {field!r} is missing")
-    labels, num_timesteps = config["save_timestep"], config["num_timesteps"]
-    if not isinstance(labels, list | tuple) or not labels:
-        raise CheckpointError(
-            f"{path}: config field 'save_timestep' must be a non-empty list, got {labels!r}"
-        )
-    try:
-        steps = official_labels_to_steps(list(labels), num_timesteps)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: config fields save_timestep/num_timesteps: {err}") from err
-
-    # --- layers and channels from the state dict
-    layer_ids = sorted({int(m.group(1)) for k in state if (m := _LAYER_KEY.match(str(k)))})
-    if not layer_ids:
-        raise CheckpointError(
-            f"{path}: 'aggregation_network' has no bottleneck_layers.* keys; found "
-            f"{_listing(sorted(map(str, state)))}"
-        )
-    num_layers = layer_ids[-1] + 1
-    channels: list[int] = []
-    no_channels = []
-    for layer in range(num_layers):
-        probe = [f"bottleneck_layers.{layer}.0.{c}.weight" for c in ("conv1", "shortcut")]
-        weight = next((state[k] for k in probe if k in state and state[k].ndim == 4), None)
-        if weight is None:
-            no_channels.append(probe[0])
-            channels.append(1)
-        else:
-            channels.append(int(weight.shape[1]))
-    if no_channels:
-        raise CheckpointError(
-            f"{path}: cannot read the input channels: missing or mis-shaped keys "
-            f"{_listing(no_channels)}"
-        )
-    conv3 = state.get("bottleneck_layers.0.0.conv3.weight")
-    projection_dim = config.get("projection_dim")
-    if projection_dim is None:
-        projection_dim = int(conv3.shape[0]) if conv3 is not None else 384
-    if not _is_int(projection_dim):
-        raise CheckpointError(f"{path}: config field 'projection_dim' must be an int")
-
-    # --- taps
-    idxs = config.get("idxs")
-    if idxs is None:
-        taps = list(PAPER_TAPS)
-    else:
-        try:
-            taps = [f"up_blocks.{int(i)}.resnets.{int(j)}" for i, j in idxs]
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(
-                f"{path}: config field 'idxs' must be a list of (block, resnet) pairs: {err}"
-            ) from err
-    if len(taps) != num_layers:
-        raise CheckpointError(
-            f"{path}: the state dict has {num_layers} bottleneck layers but "
-            f"{'config field idxs names' if idxs is not None else 'the paper preset has'} "
-            f"{len(taps)} taps"
-        )
-    dims = config.get("dims")
-    if dims is not None and [int(d) for d in dims] != channels:
-        raise CheckpointError(
-            f"{path}: config field 'dims' = {list(dims)} disagrees with the state dict's "
-            f"input channels {channels}"
-        )
-    mixing = state.get("mixing_weights")
-    if mixing is not None and mixing.numel() != num_layers * len(steps):
-        raise CheckpointError(
-            f"{path}: 'mixing_weights' has {mixing.numel()} entries but save_timestep lists "
-            f"S={len(steps)} steps and there are L={num_layers} layers (expected L*S="
-            f"{num_layers * len(steps)}); the config does not belong to these weights"
-        )
-
-    mode = config.get("diffusion_mode", "inversion")
-    if mode not in _MODES:
-        raise CheckpointError(f"{path}: config field 'diffusion_mode' = {mode!r} not in {_MODES}")
-    model_id = config.get("model_id")
-    official = _json_safe(dict(config))
-    if len(set(steps)) != len(steps):
-        raise CheckpointError(f"{path}: config field 'save_timestep' repeats a label: {labels}")
-    try:
-        settings = Settings(
-            model=source_for_model_id(model_id) or Settings().model,
-            taps=taps,
-            num_steps=int(num_timesteps),
-            steps=steps,
-        )
-        network = AggregationNetwork(
-            settings,
-            channels,
-            projection_dim=projection_dim,
-            num_norm_groups=int(config.get("num_norm_groups", 32)),
-            output_size=int(config.get("output_resolution", 64)),
-            mode=mode,
-            extra={"official_config": official},
-        )
-    except ValueError as err:
-        raise CheckpointError(f"{path}: config does not describe a valid network: {err}") from err
-    _check_state_dict(network, state, source=str(path))
-    state = dict(state)
-    if mixing is not None and list(network.steps) != steps:
-        # Our steps are sorted; the file's mixing weights follow its label order: reorder
-        # the (S, L) rows so each weight stays with its (step, layer) pair.
-        order = [steps.index(s) for s in network.steps]
-        state["mixing_weights"] = mixing.view(len(steps), num_layers)[order].reshape(-1)
-    network.load_state_dict(state, strict=True)
+    config, state = _read_checkpoint_layout(path, map_location)
+    labels, num_timesteps, steps = _steps_from_config(config, path)
+    channels = _channels_from_state(state, path)
+    projection_dim = _projection_dim(config, state, path)
+    taps = _taps_from_config(config, len(channels), path)
+    mixing = _checked_mixing_weights(config, state, channels, len(steps), path)
+    network = _network_from_config(
+        config,
+        path,
+        labels=labels,
+        num_timesteps=num_timesteps,
+        steps=steps,
+        taps=taps,
+        channels=channels,
+        projection_dim=projection_dim,
+    )
+    _load_official_weights(network, state, mixing, steps, path)
     return network.to(torch.device(map_location)).eval()
 
 

@@ -374,6 +374,27 @@ def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDat
         _LAYOUT,
     )
     csv_path = _find_csv(Path(root).expanduser(), dataset_dir, split)
+    header, rows = _read_pair_csv(csv_path)
+    has_coords = all(c in header for c in _COORD_COLUMNS)
+    annotations = _open_annotations(dataset_dir, csv_path, has_coords)
+    images = ImageChecker(_DATASET)
+    pairs = [
+        _pair_from_row(
+            row,
+            number,
+            csv_path=csv_path,
+            dataset_dir=dataset_dir,
+            images=images,
+            annotations=annotations,
+            has_coords=has_coords,
+        )
+        for number, row in enumerate(rows, start=2)  # row 1 is the header
+    ]
+    return PairDataset(pairs, name=f"pf-pascal-{split}")
+
+
+def _read_pair_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """``(lower-case header, rows)`` of a pair CSV; checks the required columns."""
     with csv_path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         header = [name.strip().lower() for name in reader.fieldnames or []]
@@ -385,69 +406,95 @@ def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDat
             f"{csv_path}: missing column(s) {missing}; expected a header row "
             f"'source_image,target_image,class[,flip][,XA,YA,XB,YB]', got {header}."
         )
-    has_coords = all(c in header for c in _COORD_COLUMNS)
+    return header, rows
+
+
+def _open_annotations(dataset_dir: Path, csv_path: Path, has_coords: bool) -> _Annotations | None:
+    """The ``Annotations/`` reader, or ``None`` (with a warning) when the folder is absent.
+
+    Called by :func:`load_pf_pascal` only: the warning names its caller.
+    """
     annotations_dir = dataset_dir / "Annotations"
-    annotations = _Annotations(annotations_dir) if annotations_dir.is_dir() else None
-    if annotations is None:
+    if annotations_dir.is_dir():
+        return _Annotations(annotations_dir)
+    if not has_coords:
+        raise DatasetNotFoundError(
+            f"{csv_path} has no XA/YA/XB/YB columns, so keypoints come from "
+            f"{annotations_dir}, which is missing.\n{data_root_hint(_DATASET, _LAYOUT)}"
+        )
+    warnings.warn(
+        f"PF-PASCAL: {annotations_dir} not found; bounding boxes are None, only image-size "
+        "PCK is available.",
+        stacklevel=3,
+    )
+    return None
+
+
+def _image_names(row: dict[str, str], where: str) -> dict[str, str]:
+    """File names of the row's ``source_image`` and ``target_image`` (folders dropped)."""
+    names = {}
+    for column in ("source_image", "target_image"):
+        value = (row.get(column) or "").strip()
+        if not value:
+            raise AnnotationError(f"{where}: field {column!r} is empty.")
+        names[column] = Path(value.replace("\\", "/")).name
+    return names
+
+
+def _row_meta(row: dict[str, str], class_id: int, where: str) -> dict[str, Any]:
+    """``meta`` of a pair: ``class_id`` and, when the row has one, ``flip``."""
+    meta: dict[str, Any] = {"class_id": class_id}
+    if (row.get("flip") or "").strip():
+        try:
+            meta["flip"] = int(float(row["flip"]))
+        except ValueError as exc:
+            raise AnnotationError(f"{where}: field 'flip' must be 0 or 1.") from exc
+    return meta
+
+
+def _pair_from_row(
+    row: dict[str, str],
+    number: int,
+    *,
+    csv_path: Path,
+    dataset_dir: Path,
+    images: ImageChecker,
+    annotations: _Annotations | None,
+    has_coords: bool,
+) -> KeypointPair:
+    """The pair of CSV row ``number`` (1-based, counting the header)."""
+    where = f"{csv_path} row {number}"
+    names = _image_names(row, where)
+    category, class_id = _category(row.get("class") or "", where)
+    paths = {
+        column: images.require(dataset_dir / "JPEGImages" / name, where, column)
+        for column, name in names.items()
+    }
+    meta = _row_meta(row, class_id, where)
+
+    boxes: tuple[Any, Any] = (None, None)
+    if has_coords:
+        src_points, trg_points = _csv_points(row, where)
+    if annotations is not None:
+        src_ann = annotations.read(category, names["source_image"], where)
+        trg_ann = annotations.read(category, names["target_image"], where)
+        boxes = (annotations.bbox(src_ann), annotations.bbox(trg_ann))
         if not has_coords:
-            raise DatasetNotFoundError(
-                f"{csv_path} has no XA/YA/XB/YB columns, so keypoints come from "
-                f"{annotations_dir}, which is missing.\n{data_root_hint(_DATASET, _LAYOUT)}"
-            )
-        warnings.warn(
-            f"PF-PASCAL: {annotations_dir} not found; bounding boxes are None, only image-size "
-            "PCK is available.",
-            stacklevel=2,
-        )
-
-    images = ImageChecker(_DATASET)
-    pairs = []
-    for number, row in enumerate(rows, start=2):  # row 1 is the header
-        where = f"{csv_path} row {number}"
-        names = {}
-        for column in ("source_image", "target_image"):
-            value = (row.get(column) or "").strip()
-            if not value:
-                raise AnnotationError(f"{where}: field {column!r} is empty.")
-            names[column] = Path(value.replace("\\", "/")).name
-        category, class_id = _category(row.get("class") or "", where)
-        paths = {
-            column: images.require(dataset_dir / "JPEGImages" / name, where, column)
-            for column, name in names.items()
-        }
-        meta: dict[str, Any] = {"class_id": class_id}
-        if (row.get("flip") or "").strip():
-            try:
-                meta["flip"] = int(float(row["flip"]))
-            except ValueError as exc:
-                raise AnnotationError(f"{where}: field 'flip' must be 0 or 1.") from exc
-
-        boxes: tuple[Any, Any] = (None, None)
-        if has_coords:
-            src_points, trg_points = _csv_points(row, where)
-        if annotations is not None:
-            src_ann = annotations.read(category, names["source_image"], where)
-            trg_ann = annotations.read(category, names["target_image"], where)
-            boxes = (annotations.bbox(src_ann), annotations.bbox(trg_ann))
-            if not has_coords:
-                src_points, trg_points, meta["kps_ids"] = _common_keypoints(src_ann, trg_ann, where)
-        pairs.append(
-            KeypointPair(
-                source_path=paths["source_image"],
-                target_path=paths["target_image"],
-                source_points=src_points,
-                target_points=trg_points,
-                category=category,
-                source_bbox=boxes[0],
-                target_bbox=boxes[1],
-                source_size=images.size(paths["source_image"], where, "source_image"),
-                target_size=images.size(paths["target_image"], where, "target_image"),
-                pair_id=(
-                    f"{number - 1:04d}-{Path(names['source_image']).stem}-"
-                    f"{Path(names['target_image']).stem}"
-                ),
-                meta=meta,
-                origin=where,
-            )
-        )
-    return PairDataset(pairs, name=f"pf-pascal-{split}")
+            src_points, trg_points, meta["kps_ids"] = _common_keypoints(src_ann, trg_ann, where)
+    return KeypointPair(
+        source_path=paths["source_image"],
+        target_path=paths["target_image"],
+        source_points=src_points,
+        target_points=trg_points,
+        category=category,
+        source_bbox=boxes[0],
+        target_bbox=boxes[1],
+        source_size=images.size(paths["source_image"], where, "source_image"),
+        target_size=images.size(paths["target_image"], where, "target_image"),
+        pair_id=(
+            f"{number - 1:04d}-{Path(names['source_image']).stem}-"
+            f"{Path(names['target_image']).stem}"
+        ),
+        meta=meta,
+        origin=where,
+    )

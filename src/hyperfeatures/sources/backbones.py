@@ -472,6 +472,11 @@ def load_backbone(
     if spec is not None and model_path is None:
         key = spec.name
     if key.startswith("tiny-") or random_weights:
+        if model_path is not None:
+            raise ValueError(
+                f"{key!r} with random weights reads no model_path; drop model_path, or load "
+                "real weights with model_path and without random_weights"
+            )
         if key not in ARCHITECTURES:
             known = ", ".join(sorted(ARCHITECTURES))
             raise ValueError(

@@ -46,6 +46,7 @@ def offline() -> bool:
 
 def hf_cache_dir() -> Path:
     """The Hugging Face hub cache folder, resolved from the environment now."""
+
     def expand(value: str) -> Path:  # as huggingface_hub does: $VARS, then ~
         return Path(os.path.expanduser(os.path.expandvars(value)))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from matplotlib import colormaps, patheffects
+from matplotlib.axes import Axes
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -114,37 +115,12 @@ def plot_correspondences(
     Returns:
         The :class:`~matplotlib.figure.Figure` (also written to ``out`` if given).
     """
-    src = to_uint8_image(src_image)
-    trg = to_uint8_image(trg_image)
-    sp = _to_points(src_points, "src_points")
-    n = sp.shape[0]
-    pp = _to_points(pred_points, "pred_points", n)
-    gp = None if gt_points is None else _to_points(gt_points, "gt_points", n)
-    flags = None if correct is None else _to_flags(correct, n)
-    if max_points is not None and (isinstance(max_points, bool) or int(max_points) < 1):
-        raise ValueError(f"max_points must be a positive integer or None, got {max_points!r}")
-
-    colours = point_colours(n)
-    drawable = np.flatnonzero(np.isfinite(sp).all(axis=1) & np.isfinite(pp).all(axis=1))
-    if max_points is not None and drawable.size > max_points:
-        pick = np.unique(np.round(np.linspace(0, drawable.size - 1, int(max_points))).astype(int))
-        drawable = drawable[pick]
-
-    hs, ws = src.shape[:2]
-    ht, wt = trg.shape[:2]
-    offset = ws + _GAP_PX
-    total_w, total_h = offset + wt, max(hs, ht)
-    if figsize is None:
-        figsize = (max(2.0, 4.0 * total_w / total_h), 4.0)
-    fig = _new_figure(figsize, dpi)
-    ax = fig.add_subplot()
-    ax.imshow(src, extent=(-0.5, ws - 0.5, hs - 0.5, -0.5), interpolation="nearest")
-    ax.imshow(
-        trg, extent=(offset - 0.5, offset + wt - 0.5, ht - 0.5, -0.5), interpolation="nearest"
+    src, trg, sp, pp, gp, flags = _checked_inputs(
+        src_image, trg_image, src_points, pred_points, gt_points, correct, max_points
     )
-    ax.set_xlim(-0.5, total_w - 0.5)
-    ax.set_ylim(total_h - 0.5, -0.5)
-    ax.set_axis_off()
+    colours = point_colours(sp.shape[0])
+    drawable = _drawable_indices(sp, pp, max_points)
+    fig, ax, offset = _side_by_side(src, trg, figsize, dpi)
 
     pred_colours = colours[drawable]
     if flags is not None:
@@ -174,26 +150,80 @@ def plot_correspondences(
             path_effects=[patheffects.withStroke(linewidth=3.5, foreground="white")],
         )
     if flags is not None:
-        valid = np.isfinite(pp).all(axis=1)
-        n_valid, n_ok = int(valid.sum()), int((flags & valid).sum())
-        handles = [
-            Line2D(
-                [], [], ls="", marker="o", color=CORRECT_COLOUR, label=f"correct {n_ok}/{n_valid}"
-            ),
-            Line2D(
-                [],
-                [],
-                ls="",
-                marker="o",
-                color=WRONG_COLOUR,
-                label=f"wrong {n_valid - n_ok}/{n_valid}",
-            ),
-        ]
-        if gp is not None:
-            handles.append(Line2D([], [], ls="", marker="x", color="0.3", label="ground truth"))
-        fig.legend(
-            handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small"
-        )
+        _add_legend(fig, flags, pp, with_gt=gp is not None)
     if title:
         ax.set_title(title)
     return _finish(fig, out)
+
+
+def _checked_inputs(
+    src_image: ImageLike,
+    trg_image: ImageLike,
+    src_points: ArrayLike,
+    pred_points: ArrayLike,
+    gt_points: ArrayLike | None,
+    correct: ArrayLike | None,
+    max_points: int | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(src, trg, src points, predictions, gt points | None, flags | None)``, checked."""
+    src = to_uint8_image(src_image)
+    trg = to_uint8_image(trg_image)
+    sp = _to_points(src_points, "src_points")
+    n = sp.shape[0]
+    pp = _to_points(pred_points, "pred_points", n)
+    gp = None if gt_points is None else _to_points(gt_points, "gt_points", n)
+    flags = None if correct is None else _to_flags(correct, n)
+    if max_points is not None and (isinstance(max_points, bool) or int(max_points) < 1):
+        raise ValueError(f"max_points must be a positive integer or None, got {max_points!r}")
+    return src, trg, sp, pp, gp, flags
+
+
+def _drawable_indices(sp: np.ndarray, pp: np.ndarray, max_points: int | None) -> np.ndarray:
+    """Indices of the finite point pairs, thinned evenly to at most ``max_points``."""
+    drawable = np.flatnonzero(np.isfinite(sp).all(axis=1) & np.isfinite(pp).all(axis=1))
+    if max_points is not None and drawable.size > max_points:
+        pick = np.unique(np.round(np.linspace(0, drawable.size - 1, int(max_points))).astype(int))
+        drawable = drawable[pick]
+    return drawable
+
+
+def _side_by_side(
+    src: np.ndarray, trg: np.ndarray, figsize: tuple[float, float] | None, dpi: float
+) -> tuple[Figure, Axes, int]:
+    """A figure with ``src`` and ``trg`` top-aligned in one axes: ``(fig, ax, x offset of trg)``."""
+    hs, ws = src.shape[:2]
+    ht, wt = trg.shape[:2]
+    offset = ws + _GAP_PX
+    total_w, total_h = offset + wt, max(hs, ht)
+    if figsize is None:
+        figsize = (max(2.0, 4.0 * total_w / total_h), 4.0)
+    fig = _new_figure(figsize, dpi)
+    ax = fig.add_subplot()
+    ax.imshow(src, extent=(-0.5, ws - 0.5, hs - 0.5, -0.5), interpolation="nearest")
+    ax.imshow(
+        trg, extent=(offset - 0.5, offset + wt - 0.5, ht - 0.5, -0.5), interpolation="nearest"
+    )
+    ax.set_xlim(-0.5, total_w - 0.5)
+    ax.set_ylim(total_h - 0.5, -0.5)
+    ax.set_axis_off()
+    return fig, ax, offset
+
+
+def _add_legend(fig: Figure, flags: np.ndarray, pp: np.ndarray, *, with_gt: bool) -> None:
+    """The legend below the images counting correct and wrong predictions."""
+    valid = np.isfinite(pp).all(axis=1)
+    n_valid, n_ok = int(valid.sum()), int((flags & valid).sum())
+    handles = [
+        Line2D([], [], ls="", marker="o", color=CORRECT_COLOUR, label=f"correct {n_ok}/{n_valid}"),
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker="o",
+            color=WRONG_COLOUR,
+            label=f"wrong {n_valid - n_ok}/{n_valid}",
+        ),
+    ]
+    if with_gt:
+        handles.append(Line2D([], [], ls="", marker="x", color="0.3", label="ground truth"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize="small")
