@@ -319,3 +319,10 @@ def test_matching_size_fallbacks() -> None:
     assert Settings(match_size=32, load_size=None, image_size=64).matching_size == 32
     assert Settings(load_size=None, image_size=64).matching_size == 64
     assert Settings(load_size=None).matching_size is None  # the source's default
+
+
+def test_replace_keeps_what_was_given_explicitly() -> None:
+    base = Settings(model="tiny-sd", image_size=64)
+    changed = base.replace(match_size=48)
+    assert changed.model_fields_set == {"model", "image_size", "match_size"}
+    assert changed.match_size == 48 and changed.image_size == 64

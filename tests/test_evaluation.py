@@ -477,14 +477,6 @@ def test_tap_and_concat_all_descriptors(tiny_sd: Backbone) -> None:
     assert layer4["settings"]["taps"] == [LAYER_4] and layer4["label"] == "SD-Layer-4"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="library bug: a 'raw' head (layer-4, tap:<name>) with explicit taps of different "
-    "map sizes is accepted by create_method (evaluation/methods.py: raw_taps(extractor, "
-    "output_size=None)) and then fails inside sinks.Stack / KeepAll.stacked (torch.cat) with "
-    "an opaque RuntimeError instead of a ValueError naming the taps",
-)
 def test_raw_head_refuses_taps_of_different_sizes(tiny_sd: Backbone) -> None:
     taps = ["up_blocks.0.resnets.0", "up_blocks.3.resnets.0"]  # 1x1 and 8x8 at 64 px
     with pytest.raises(ValueError):
@@ -575,6 +567,18 @@ def test_create_method_layers_settings(tiny_sd: Backbone, tmp_path: Path) -> Non
         create_method(
             "hyperfeatures", Settings(taps=[LAYER_4]), source=tiny_sd, aggregator=tmp_path / "agg"
         )
+    # a preset is compared once resolved: "dhf" names exactly the network's taps
+    dhf = create_method(
+        "hyperfeatures", Settings(taps="dhf"), source=tiny_sd, aggregator=tmp_path / "agg"
+    )
+    assert dhf.settings.taps == net.taps
+    with pytest.raises(SettingsError, match=r"^taps: 'layer-4'"):
+        create_method(
+            "hyperfeatures", Settings(taps="layer-4"), source=tiny_sd, aggregator=tmp_path / "agg"
+        )
+    # a record made by replace() keeps only its explicit fields explicit
+    replaced = create_method("layer-4", given.replace(match_size=48), source=tiny_sd)
+    assert replaced.settings.taps == (LAYER_4,) and replaced.match_size == 48
 
 
 def test_match_size_sets_only_the_grid(tiny_sd: Backbone, spair: PairDataset) -> None:

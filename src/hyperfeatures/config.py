@@ -273,7 +273,10 @@ class Settings(BaseModel):
             if isinstance(t, int) and max(self.steps) >= t:
                 data["steps"] = DEFAULT_STEPS
         data.update(changes)
-        return Settings(**data)
+        new = Settings(**data)
+        # what was given explicitly stays so: the old record's choices plus the changes
+        new.__pydantic_fields_set__.intersection_update(self.model_fields_set | set(changes))
+        return new
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON/YAML-able dict (``taps`` a string or list, ``steps`` a list)."""

@@ -191,7 +191,16 @@ class DescriptorPipeline:
         """Raw maps of the extractor's taps at its steps, concatenated along channels
         (timestep-major), each resized to ``output_size`` when given."""
         taps, steps = extractor.taps, extractor.steps
-        channels = len(steps) * sum(i.channels for i in extractor.tap_info())
+        infos = extractor.tap_info()
+        sizes = {i.size for i in infos}
+        if output_size is None and len(sizes) > 1:
+            listed = ", ".join(f"{i.name} {i.size[0]}x{i.size[1]}" for i in infos if i.size)
+            raise ValueError(
+                f"raw maps at their native size must share one size to be stacked; these taps "
+                f"differ ({listed}): choose taps of one resolution, or resize them all "
+                "(the concat-all method, output_size=64)"
+            )
+        channels = len(steps) * sum(i.channels for i in infos)
         return cls(extractor, lambda: Stack(taps, steps, output_size), channels=channels)
 
     @torch.no_grad()

@@ -172,8 +172,8 @@ def method_spec(name: str) -> MethodSpec:
 
 
 def _explicit(settings: Settings | None) -> dict[str, Any]:
-    """The fields the caller set explicitly in ``settings`` (all of them for a record built
-    by :meth:`Settings.replace`)."""
+    """The fields the caller set explicitly in ``settings`` (for a record made by
+    :meth:`Settings.replace`: the original's explicit fields plus the changes)."""
     if settings is None:
         return {}
     data = settings.to_dict()
@@ -193,6 +193,8 @@ def method_settings(
     spec = method_spec(name)
     given = _explicit(settings)
     if network_settings is not None:
+        if isinstance(given.get("taps"), str):  # a preset: compared once resolved by a source
+            given.pop("taps")
         clash = [k for k in ("taps", "steps", "num_steps") if k in given]
         clash = [k for k in clash if given[k] != network_settings.to_dict()[k]]
         if clash:
@@ -340,6 +342,16 @@ def create_method(
             dtype=dtype,
             model_path=model_path,
             seed=effective.seed,
+        )
+    preset = _explicit(settings).get("taps")
+    if (
+        network is not None
+        and isinstance(preset, str)
+        and source.resolve_taps(preset) != list(network.taps)
+    ):
+        raise SettingsError(
+            f"taps: {preset!r} are not the {len(network.taps)} taps the aggregator was "
+            "trained on; drop --taps"
         )
     if spec.head == "aggregation":
         provenance = _provenance(aggregator)

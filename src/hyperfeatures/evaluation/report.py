@@ -201,11 +201,12 @@ class EvalResult:
         was scored. Compact enough for an 80-column terminal with two alphas.
         """
         from rich import box
+        from rich.markup import escape
         from rich.table import Table
 
         label = self.method.get("label", self.method.get("method", "method"))
         table = Table(
-            title=f"{label} on {self.dataset}: PCK (%), match size {self.match_size}",
+            title=escape(f"{label} on {self.dataset}: PCK (%), match size {self.match_size}"),
             caption="img / bbox: pooled over keypoints; img* / bbox*: mean over pairs",
             box=box.SIMPLE_HEAD,
             padding=0,
@@ -229,7 +230,7 @@ class EvalResult:
             if last:
                 table.add_section()
             table.add_row(
-                str(row["category"]),
+                escape(str(row["category"])),
                 str(row["pairs"]),
                 str(row["keypoints"]),
                 *(_fmt_pct(row[c]) for c in columns),
