@@ -97,8 +97,8 @@ def _pipeline_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import FeatureExtractor, untrained_network
     from hyperfeatures.sinks import KeepAll, StreamingAggregator
-    from hyperfeatures.sources.backbones import load_backbone
     from hyperfeatures.sources.diffusion import invert, run_with_taps, schedule_for
+    from hyperfeatures.sources.loading import load_backbone
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))

@@ -66,8 +66,8 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import FeatureExtractor
     from hyperfeatures.sinks import KeepAll
-    from hyperfeatures.sources.backbones import load_backbone
     from hyperfeatures.sources.diffusion import invert, run_with_taps, schedule_for
+    from hyperfeatures.sources.loading import load_backbone
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))

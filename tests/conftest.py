@@ -11,7 +11,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
-from hyperfeatures.sources.backbones import Backbone, load_backbone
+from hyperfeatures.sources.backbones import Backbone
+from hyperfeatures.sources.loading import load_backbone
 
 # The test models are tiny: one intra-op thread is faster than several, and on a shared
 # machine several threads spinning against other processes make a 40 ms forward take seconds.

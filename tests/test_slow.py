@@ -11,7 +11,7 @@ import torch
 
 from hyperfeatures.config import Settings
 from hyperfeatures.pipeline import FeatureExtractor, HyperfeaturePipeline, untrained_network
-from hyperfeatures.sources.backbones import load_backbone
+from hyperfeatures.sources.loading import load_backbone
 
 pytestmark = pytest.mark.slow
 

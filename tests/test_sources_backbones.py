@@ -16,8 +16,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from hyperfeatures.config import Settings, SettingsError
 from hyperfeatures.sources.architectures import offline_tokenizer, unet_architecture
-from hyperfeatures.sources.backbones import Backbone, load_backbone, preprocess_images
+from hyperfeatures.sources.backbones import Backbone, preprocess_images
 from hyperfeatures.sources.hub import WeightsNotFoundError
+from hyperfeatures.sources.loading import load_backbone
 from hyperfeatures.sources.registry import SOURCES, list_sources
 from hyperfeatures.taps import TapError
 

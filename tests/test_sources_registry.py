@@ -15,7 +15,7 @@ from PIL import Image
 
 from hyperfeatures.config import Settings, SettingsError
 from hyperfeatures.sources.architectures import ARCHITECTURES, unet_architecture
-from hyperfeatures.sources.backbones import Backbone, load_backbone
+from hyperfeatures.sources.backbones import Backbone
 from hyperfeatures.sources.base import (
     FeatureSource,
     count_images,
@@ -29,6 +29,7 @@ from hyperfeatures.sources.hub import (
     offline,
     weights_not_found,
 )
+from hyperfeatures.sources.loading import load_backbone
 from hyperfeatures.sources.registry import (
     SOURCES,
     SourceSpec,

@@ -269,7 +269,7 @@ class HyperfeaturePipeline(DescriptorPipeline):
 
     Example::
 
-        pipe = HyperfeaturePipeline.from_pretrained(aggregator="dhf-sd15.pt")
+        pipe = HyperfeaturePipeline.from_pretrained(aggregator="aggregation_network.pt")
         desc = pipe([img_a, img_b])      # (2, 384, 64, 64)
 
     Args:

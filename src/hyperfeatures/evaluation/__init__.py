@@ -24,7 +24,7 @@ Example::
     from hyperfeatures.datasets import load_dataset
     from hyperfeatures.evaluation import create_method, evaluate
 
-    method = create_method("hyperfeatures", aggregator="dhf-sd15.pt", device="cuda")
+    method = create_method("hyperfeatures", aggregator="aggregation_network.pt", device="cuda")
     data = load_dataset("spair", "/data/SPair-71k", split="test", per_category=20)
     result = evaluate(method, data, figures=5, out_dir="eval/spair")
     print(result.pck("bbox"))          # pooled PCK@0.1 with the bounding-box threshold

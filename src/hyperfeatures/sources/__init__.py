@@ -32,7 +32,7 @@ _EXPORTS = {
     "WeightsNotFoundError": "hub",
     "Backbone": "backbones",
     "Conditioning": "backbones",
-    "load_backbone": "backbones",
+    "load_backbone": "loading",
     "run_with_taps": "diffusion",
     "ViTSource": "vit",
     "ModuleSource": "module",

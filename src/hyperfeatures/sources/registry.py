@@ -274,7 +274,7 @@ def load_source(
         return ViTSource.from_pretrained(
             key, model_path=model_path, device=torch_device, dtype=torch_dtype, seed=seed
         )
-    from .backbones import load_backbone
+    from .loading import load_backbone
 
     return load_backbone(
         key,
