@@ -60,6 +60,8 @@ __all__ = [
     "MAX_SIZE",
     "Settings",
     "SettingsError",
+    "TrainConfig",
+    "TrainSettings",
     "parse_steps",
 ]
 
@@ -326,8 +328,9 @@ class Settings(BaseModel):
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
 
-def _explain(err: ValidationError) -> str:
+def _explain(err: ValidationError, record: type[BaseModel] | None = None) -> str:
     """One line per problem: field, what came, the fix."""
+    fields = list((record or Settings).model_fields)
     lines = []
     for item in err.errors():
         loc = ".".join(str(p) for p in item.get("loc", ()))
@@ -337,14 +340,157 @@ def _explain(err: ValidationError) -> str:
             continue
         field = loc.split(".")[0]
         if item.get("type") == "extra_forbidden":
-            close = difflib.get_close_matches(field, list(Settings.model_fields), n=1)
+            close = difflib.get_close_matches(field, fields, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(
-                f"unknown settings field {field!r}{hint} Valid fields: "
-                f"{', '.join(Settings.model_fields)}"
+                f"unknown settings field {field!r}{hint} Valid fields: {', '.join(fields)}"
             )
             continue
         got = item.get("input")
-        fix = _FIX.get(field, "see `hyperfeatures.config.Settings`")
+        fix = (
+            _FIX.get(field, "see the table of `hyperfeatures.config`")
+            if record
+            in (
+                None,
+                Settings,
+            )
+            else f"see the table of {record.__name__}"
+        )
         lines.append(f"settings field {field!r}: got {got!r} ({reason}); expected {fix}")
     return "; ".join(lines)
+
+
+# =========================================================================== training
+class TrainSettings(BaseModel):
+    """How to train an aggregation network (the paper's recipe by default).
+
+    ========================  ===========  ===================================================
+    field                     default      meaning
+    ========================  ===========  ===================================================
+    ``dataset``               ``spair``    training pairs: a name of ``datasets.load_dataset``
+    ``data_root``             ``None``     its folder (``--data-root``)
+    ``split``                 ``trn``      training split (SPair-71k: ``trn``)
+    ``pairs_file``            ``None``     a pair-list JSON instead of the split's pairs
+    ``val_split``             ``val``      validation split
+    ``val_pairs_file``        ``None``     a validation pair-list JSON
+    ``val_max_pairs``         ``100``      validation pairs scored (the first N)
+    ``max_steps``             ``5000``     optimizer steps (the paper: up to 5000)
+    ``max_steps_per_epoch``   ``None``     pairs per epoch (a seeded permutation, truncated);
+                                           ``None`` = every training pair
+    ``lr``                    ``1e-3``     AdamW learning rate, mixing weights and bottlenecks
+    ``weight_decay``          ``0.0``      AdamW weight decay
+    ``temperature``           ``0.07``     fixed: logits = cosine / temperature (not trained)
+    ``grad_accum``            ``1``        pairs per optimizer step (gradient accumulation)
+    ``mixed_precision``       ``no``       ``no`` / ``fp16`` / ``bf16`` autocast (GPU)
+    ``validate_every``        ``500``      steps between validations (PCK img and bbox)
+    ``checkpoint_every``      ``500``      steps between checkpoints (resumable)
+    ``log_every``             ``10``       steps between log lines (CSV, TensorBoard)
+    ``seed``                  ``0``        pair order and network initialisation
+    ``projection_dim``        ``384``      P, descriptor channels
+    ``init``                  ``None``     initial network: an official ``.pt`` or a folder
+                                           of ``save_pretrained``; ``None`` = seeded init
+    ``cache``                 ``None``     feature-cache folder (maps read, not recomputed);
+                                           ``None`` = online (the source runs every step)
+    ``out``                   ``runs/dhf`` output folder (checkpoints, logs, final network)
+    ========================  ===========  ===================================================
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    dataset: str = "spair"
+    data_root: str | None = None
+    split: str = "trn"
+    pairs_file: str | None = None
+    val_split: str = "val"
+    val_pairs_file: str | None = None
+    val_max_pairs: int = Field(100, ge=1)
+    max_steps: int = Field(5000, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(0.07, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    validate_every: int = Field(500, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = Field(0, ge=0)
+    projection_dim: int = Field(384, ge=4)
+    init: str | None = None
+    cache: str | None = None
+    out: str = "runs/dhf"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise SettingsError(_explain(err, TrainSettings)) from None
+
+    @field_validator("lr", "weight_decay", "temperature")
+    @classmethod
+    def _finite_float(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("not a finite number")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class TrainConfig(BaseModel):
+    """A training run: the extraction settings of the features and the training settings.
+
+    YAML layout (``hyperfeatures train CONFIG.yaml``)::
+
+        settings: {model: sd15, num_steps: 50, steps: every:5, load_size: 64}
+        train: {dataset: spair, data_root: /data/SPair-71k, max_steps: 5000}
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    settings: Settings = Field(default_factory=Settings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
+        """Read a training config file; errors name the file and the field."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise SettingsError(f"training config {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise SettingsError(f"training config {path} is not valid YAML: {first}") from None
+        if not isinstance(data, Mapping):
+            raise SettingsError(f"training config {path}: expected a mapping with settings/train")
+        unknown = sorted(set(data) - {"settings", "train"})
+        if unknown:
+            raise SettingsError(
+                f"training config {path}: unknown sections {unknown}; use 'settings' (what to "
+                "extract) and 'train' (how to train)"
+            )
+        settings = Settings.from_dict(data.get("settings") or {}, source=f"{path}: settings")
+        train_data = data.get("train") or {}
+        if not isinstance(train_data, Mapping):
+            raise SettingsError(f"training config {path}: 'train' must be a mapping")
+        try:
+            train = TrainSettings(**{str(k): v for k, v in train_data.items()})
+        except SettingsError as err:
+            raise SettingsError(f"{path}: train: {err}") from None
+        return cls(settings=settings, train=train)
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The config as YAML text; written atomically to ``path`` when given."""
+        import yaml
+
+        text = yaml.safe_dump(
+            {"settings": self.settings.to_dict(), "train": self.train.to_dict()}, sort_keys=False
+        )
+        if path is not None:
+            from ._io import atomic_write_text
+
+            atomic_write_text(path, text)
+        return text
