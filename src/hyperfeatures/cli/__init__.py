@@ -63,6 +63,6 @@ def main() -> None:
         sys.exit(2)
 
 
-from . import benchmark, features  # noqa: E402,F401  (registers the commands)
+from . import benchmark, cache, features, train  # noqa: E402,F401  (registers the commands)
 
 __all__ = ["app", "main"]

@@ -1,0 +1,461 @@
+"""The trainer: the paper's recipe on any feature source, resumable, on Accelerate.
+
+One optimizer step = ``grad_accum`` pairs per process (the paper: one pair, batch of two
+images, source then target). Each pair: the maps of both images (read from a feature cache,
+or computed online by the frozen source with no gradient), the aggregation network's
+descriptors, :func:`~hyperfeatures.training.loss.correspondence_loss`, backward; then the
+optimizer step (:func:`~hyperfeatures.training.recipe.make_optimizer`). Pairs come in the
+original seeded order (:class:`~hyperfeatures.training.recipe.PairOrder`); with ``W``
+processes and ``k`` accumulation steps, step ``s`` of process ``r`` uses pairs
+``s * W * k + r * k + j`` of that order, so ``W`` processes match one process with ``W * k``
+accumulation steps.
+
+The run folder (``train.out``)::
+
+    config.yaml                 the TrainConfig of the run
+    log.csv                     step, pairs, loss, lr, val PCK img / bbox, seconds
+    tensorboard/                the same scalars (when tensorboard is installed)
+    mixing/step_XXXXXX.png      mixing-weight heat map (layer x step) at each validation
+    checkpoints/step_XXXXXX/    network (save_pretrained) + trainer_state.pt, written
+                                atomically; ``checkpoints/latest`` names the newest
+    best/                       the network of the best validation PCK
+    final/                      the network at the end (``HyperfeaturePipeline.from_pretrained``)
+
+A resumed run (``resume=True``) restores the network, the optimizer, the pair order and the
+step, and continues the same loss curve (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._io import atomic_write_text
+from ..config import TrainConfig
+from ..datasets import KeypointPair, PairDataset, load_dataset, load_image
+from ..metrics import PCKAccumulator
+from .loss import correspondence_loss
+from .recipe import PairOrder, make_optimizer
+
+__all__ = ["TrainResult", "Trainer"]
+
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced.
+
+    Attributes:
+        out: the run folder.
+        steps: optimizer steps done (in total, counting a resumed part).
+        losses: the loss of each step of this process (this session only).
+        validations: ``[(step, pck_img, pck_bbox), ...]`` in percent (bbox ``None`` without
+            boxes).
+        best: ``(step, pck)`` of the best validation (``None`` without validation).
+        final: folder of the final network.
+    """
+
+    out: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    validations: list[tuple[int, float, float | None]] = field(default_factory=list)
+    best: tuple[int, float] | None = None
+    final: Path | None = None
+
+
+class Trainer:
+    """Trains an aggregation network as a :class:`~hyperfeatures.config.TrainConfig` says.
+
+    Args:
+        config: extraction settings (what the features are) and training settings.
+        source: an already loaded feature source (default: load ``config.settings.model``).
+        device, dtype, model_path: how to load the source.
+        train_pairs, val_pairs: pairs to use instead of loading ``config.train.dataset``.
+        resume: continue from ``checkpoints/latest`` of ``config.train.out``.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        source: Any | None = None,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype | None = None,
+        model_path: str | os.PathLike[str] | None = None,
+        train_pairs: Sequence[KeypointPair] | None = None,
+        val_pairs: Sequence[KeypointPair] | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        from accelerate import Accelerator
+
+        from ..pipeline import FeatureExtractor, load_aggregator
+
+        self.config = config
+        train = config.train
+        self.out = Path(train.out).expanduser()
+        self.accelerator = Accelerator(
+            mixed_precision=train.mixed_precision,
+            cpu=torch.device(device).type == "cpu",
+        )
+        if source is None:
+            from ..sources import load_source
+
+            source = load_source(
+                config.settings.model, device=device, dtype=dtype, model_path=model_path
+            )
+        self.extractor = FeatureExtractor(source, config.settings)
+        self.settings = self.extractor.settings
+        self.train_pairs = list(train_pairs) if train_pairs is not None else self._pairs("train")
+        self.val_pairs = list(val_pairs) if val_pairs is not None else self._pairs("val")
+        self.val_pairs = self.val_pairs[: train.val_max_pairs]
+        if not self.train_pairs:
+            raise ValueError("the training set has no pairs; check dataset, split and data_root")
+        self.cache = self._open_cache()
+        network = load_aggregator(train.init, device=device)
+        if network is None:
+            network = self._new_network()
+        elif list(network.taps) != list(self.settings.taps) or network.steps != self.settings.steps:
+            raise ValueError(
+                f"init {train.init}: the network mixes other taps or steps than the settings "
+                f"(network steps {list(network.steps)}, settings {list(self.settings.steps)}); "
+                "use the network's settings in the config"
+            )
+        self.network = network.to(self.accelerator.device).train()
+        self.optimizer = make_optimizer(self.network, train)
+        self.network, self.optimizer = self.accelerator.prepare(self.network, self.optimizer)
+        self.order = PairOrder(len(self.train_pairs), train.max_steps_per_epoch, train.seed)
+        self.step = 0
+        self.best: tuple[int, float] | None = None
+        self.progress = progress
+        if resume:
+            self._load_latest()
+
+    # ------------------------------------------------------------------ setup
+    def _pairs(self, which: str) -> list[KeypointPair]:
+        """The training or validation pairs of the config (``[]``: no validation set)."""
+        train = self.config.train
+        if which == "train":
+            split, pairs_file = train.split, train.pairs_file
+        else:
+            split, pairs_file = train.val_split, train.val_pairs_file
+            if pairs_file is None and (train.data_root is None or train.dataset == "pair-list"):
+                return []
+        data: PairDataset = load_dataset(
+            train.dataset,
+            train.data_root,
+            split=split,
+            pairs_file=pairs_file,
+            per_category=0,
+            seed=train.seed,
+        )
+        return list(data)
+
+    def _open_cache(self) -> Any:
+        if self.config.train.cache is None:
+            return None
+        from ..cache import FeatureCache
+
+        return FeatureCache.open(self.config.train.cache, self.extractor, must_exist=True)
+
+    def _new_network(self) -> Any:
+        from ..aggregation import AggregationNetwork
+
+        channels = [i.channels for i in self.extractor.tap_info()]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.train.seed)
+            return AggregationNetwork(
+                self.settings, channels, projection_dim=self.config.train.projection_dim
+            )
+
+    @property
+    def unwrapped(self) -> Any:
+        """The aggregation network itself (not the distributed wrapper)."""
+        return self.accelerator.unwrap_model(self.network)
+
+    # ------------------------------------------------------------------ features
+    def _maps(self, pair: KeypointPair) -> dict[int, dict[str, torch.Tensor]]:
+        """``maps[step][tap]`` of ``(2, C, h, w)``: source then target, no gradient."""
+        device = self.accelerator.device
+        if self.cache is not None:
+            src = self.cache.maps(pair.source_path)
+            trg = self.cache.maps(pair.target_path)
+            return {
+                s: {t: torch.stack([src[s][t], trg[s][t]]).float().to(device) for t in src[s]}
+                for s in src
+            }
+        from ..sinks import KeepAll
+
+        sink = KeepAll()
+        images = [load_image(pair.source_path), load_image(pair.target_path)]
+        with torch.no_grad():
+            self.extractor.run(images, sink)
+        return {s: {t: x.float().to(device) for t, x in m.items()} for s, m in sink.maps.items()}
+
+    def pair_loss(self, pair: KeypointPair) -> torch.Tensor:
+        """The loss of one pair with the current network (differentiable in the network)."""
+        desc = self.network(self._maps(pair))
+        return correspondence_loss(
+            desc[0],
+            desc[1],
+            torch.tensor(pair.source_points, dtype=torch.float32),
+            torch.tensor(pair.target_points, dtype=torch.float32),
+            src_size=pair.source_size,
+            trg_size=pair.target_size,
+            temperature=self.config.train.temperature,
+        )
+
+    # ------------------------------------------------------------------ training
+    def _step_pairs(self, step: int) -> list[KeypointPair]:
+        k = self.config.train.grad_accum
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        first = step * world * k + rank * k
+        return [self.train_pairs[self.order.pair_at(first + j)] for j in range(k)]
+
+    def train_step(self) -> float:
+        """One optimizer step; returns the mean loss of this process's pairs."""
+        pairs = self._step_pairs(self.step)
+        self.optimizer.zero_grad()
+        total = 0.0
+        for pair in pairs:
+            with self.accelerator.autocast():
+                loss = self.pair_loss(pair) / len(pairs)
+            self.accelerator.backward(loss)
+            total += float(loss.detach())
+        self.optimizer.step()
+        self.step += 1
+        return total
+
+    def train(self) -> TrainResult:
+        """Run until ``max_steps``; validate, log and checkpoint on the way."""
+        train = self.config.train
+        result = TrainResult(out=self.out, steps=self.step)
+        main = self.accelerator.is_main_process
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.config.to_yaml(self.out / "config.yaml")
+        logger = _Logger(self.out, enabled=main)
+        bar = _progress(train.max_steps, self.step, enabled=main and self.progress)
+        start = time.perf_counter()
+        with bar:
+            task = bar.add_task("training", total=train.max_steps, completed=self.step, loss="")
+            while self.step < train.max_steps:
+                loss = self.train_step()
+                result.losses.append(loss)
+                bar.update(task, advance=1, loss=f"loss {loss:.4f}")
+                row: dict[str, Any] = {}
+                if self.step % train.log_every == 0 or self.step == train.max_steps:
+                    row["loss"] = loss
+                if self.val_pairs and (
+                    self.step % train.validate_every == 0 or self.step == train.max_steps
+                ):
+                    pck_img, pck_bbox = self.validate()
+                    result.validations.append((self.step, pck_img, pck_bbox))
+                    row.update(val_pck_img=pck_img, val_pck_bbox=pck_bbox)
+                    self._keep_best(pck_bbox if pck_bbox is not None else pck_img)
+                if row:
+                    row.update(lr=self.optimizer.param_groups[0]["lr"])
+                    logger.log(self.step, row, seconds=time.perf_counter() - start)
+                if self.step % train.checkpoint_every == 0 or self.step == train.max_steps:
+                    self.save_checkpoint()
+        logger.close()
+        result.steps = self.step
+        result.best = self.best
+        if main:
+            final = self.out / "final"
+            _atomic_dir(final, self.unwrapped.save_pretrained)
+            result.final = final
+        self.accelerator.wait_for_everyone()
+        return result
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float | None]:
+        """PCK@0.1 (img, bbox; percent, pooled) of the current network on the validation
+        pairs (the paper's protocol at ``settings.matching_size``)."""
+        from ..correspond import match_points_with_scores
+
+        network = self.unwrapped
+        was_training = network.training
+        network.eval()
+        acc = PCKAccumulator((0.1,))
+        use_bbox = all(p.target_bbox is not None for p in self.val_pairs)
+        grid = self.settings.matching_size or self.settings.image_size
+        for pair in self.val_pairs:
+            desc = network(self._maps(pair))
+            pred = match_points_with_scores(
+                desc[0],
+                desc[1],
+                torch.tensor(pair.source_points, dtype=torch.float32),
+                src_size=pair.source_size,
+                trg_size=pair.target_size,
+                match_size=grid,
+                clip=True,
+            ).points
+            acc.add(
+                pred.cpu().double().numpy(),
+                pair.target_points,
+                image_size=pair.target_size,
+                bbox=pair.target_bbox if use_bbox else None,
+                category=pair.category,
+            )
+        network.train(was_training)
+        overall = acc.summary()["overall"]
+        bbox = overall.get("pck_bbox@0.1") if use_bbox else None
+        if self.accelerator.is_main_process:
+            self._plot_mixing()
+        return float(overall["pck_img@0.1"] or 0.0), bbox
+
+    def _plot_mixing(self) -> None:
+        from ..viz import plot_mixing_weights
+
+        net = self.unwrapped
+        plot_mixing_weights(
+            net.mixing_matrix().detach().cpu(),
+            list(net.steps),
+            list(net.taps),
+            out=self.out / "mixing" / f"step_{self.step:06d}.png",
+            title=f"mixing weights at step {self.step}",
+        )
+
+    def _keep_best(self, pck: float) -> None:
+        if self.best is not None and pck <= self.best[1]:
+            return
+        self.best = (self.step, pck)
+        if self.accelerator.is_main_process:
+            _atomic_dir(self.out / "best", self.unwrapped.save_pretrained)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Write ``checkpoints/step_XXXXXX`` (atomically) and point ``latest`` at it."""
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        folder = self.out / "checkpoints" / f"step_{self.step:06d}"
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "order": self.order.state_dict(),
+            "best": list(self.best) if self.best is not None else None,
+            "torch_rng": torch.random.get_rng_state(),
+        }
+
+        def write(tmp: Path) -> None:
+            self.unwrapped.save_pretrained(tmp)
+            torch.save(state, tmp / STATE_FILE)
+
+        _atomic_dir(folder, write)
+        atomic_write_text(self.out / "checkpoints" / "latest", folder.name + "\n")
+        return folder
+
+    def _load_latest(self) -> None:
+        from ..aggregation import AggregationNetwork
+
+        pointer = self.out / "checkpoints" / "latest"
+        if not pointer.is_file():
+            raise FileNotFoundError(
+                f"--resume: {pointer} does not exist; no checkpoint of a run in {self.out}"
+            )
+        folder = self.out / "checkpoints" / pointer.read_text().strip()
+        saved = AggregationNetwork.from_pretrained(folder)
+        if saved.settings != self.unwrapped.settings:
+            raise ValueError(
+                f"--resume: {folder} was trained with other settings: "
+                + "; ".join(saved.settings.differences(self.unwrapped.settings))
+            )
+        self.unwrapped.load_state_dict(saved.state_dict())
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.order.load_state_dict(state["order"])
+        self.step = int(state["step"])
+        self.best = tuple(state["best"]) if state["best"] is not None else None  # type: ignore[assignment]
+        torch.random.set_rng_state(state["torch_rng"])
+
+
+# --------------------------------------------------------------------------- helpers
+def _atomic_dir(folder: Path, write: Any) -> Path:
+    """``write(tmp_folder)``, then rename the folder over ``folder`` (complete or absent)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+class _Logger:
+    """CSV (always) and TensorBoard (when installed) logs of the main process."""
+
+    FIELDS = ("step", "loss", "lr", "val_pck_img", "val_pck_bbox", "seconds")
+
+    def __init__(self, out: Path, *, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tb: Any = None
+        if not enabled:
+            return
+        self.path = out / "log.csv"
+        if not self.path.exists():
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self.FIELDS)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # tensorboard is optional: pip install "hyperfeatures[train]"
+            self.tb = None
+
+    def log(self, step: int, row: dict[str, Any], *, seconds: float) -> None:
+        if not self.enabled:
+            return
+        values = {**row, "step": step, "seconds": round(seconds, 3)}
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([values.get(k, "") for k in self.FIELDS])
+        if self.tb is not None:
+            for key, value in row.items():
+                if value is not None:
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress(total: int, done: int, *, enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
