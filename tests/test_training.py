@@ -228,3 +228,44 @@ def test_training_from_the_feature_cache(tiny_sd: Backbone, pairs, tmp_path: Pat
     )
     with pytest.raises(ValueError, match="load_size"):
         Trainer(other, source=tiny_sd, train_pairs=pairs[0], val_pairs=[], progress=False)
+
+
+def test_example_configs_are_valid() -> None:
+    from hyperfeatures.sources import load_source
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(configs) >= 4
+    for path in configs:
+        config = TrainConfig.from_yaml(path)
+        assert config.train.max_steps >= 1 and config.settings.model, path
+    dinov2 = TrainConfig.from_yaml(configs[0].parent / "dinov2.yaml").settings
+    tiny = load_source("tiny-dinov2")  # the same architecture with random weights
+    assert len(tiny.resolve_taps(dinov2.taps)) == 12
+
+
+def test_tensorboard_scalars_when_installed(
+    tiny_sd: Backbone, pairs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With tensorboard installed the same scalars go to a SummaryWriter (a stand-in here)."""
+    import sys
+    import types
+
+    written: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, folder: str) -> None:
+            assert folder.endswith("tensorboard")
+
+        def add_scalar(self, key: str, value: float, step: int) -> None:
+            written.append((key, value, step))
+
+        def close(self) -> None:
+            written.append(("closed", 0.0, 0))
+
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = Writer  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    _trainer(_config(tmp_path / "run", max_steps=2, validate_every=2), tiny_sd, pairs).train()
+    keys = {(k, s) for k, _v, s in written}
+    assert {("loss", 1), ("loss", 2), ("val_pck_img", 2), ("lr", 2)} <= keys
+    assert written[-1][0] == "closed"
