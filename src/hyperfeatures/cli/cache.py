@@ -4,8 +4,10 @@
 image of the training pairs (``train.split`` / ``train.pairs_file``) and of the validation
 pairs (the first ``train.val_max_pairs``), and stores fp16 maps under ``--root`` (default
 ``train.cache``) with :class:`~hyperfeatures.cache.FeatureCache`. Training with
-``train.cache`` set then reads maps instead of running the model. Under
-``accelerate launch -m hyperfeatures cache build ...`` each process builds its shard.
+``train.cache`` set then reads maps instead of running the model. Under a launcher
+(``accelerate launch --multi_gpu --num_processes N -m hyperfeatures cache build ...`` or
+``torchrun --nproc_per_node N -m hyperfeatures cache build ...``) process ``r`` of ``N``
+builds images ``i % N == r``; after a barrier the main process writes the merged manifest.
 """
 
 from __future__ import annotations
@@ -31,45 +33,55 @@ def training_images(config: Any) -> list[Path]:
     """The unique image paths of a :class:`~hyperfeatures.config.TrainConfig`'s training
     pairs and first ``val_max_pairs`` validation pairs (the pairs the trainer loads), in
     order of first appearance."""
-    from ..datasets import load_dataset
+    from ..training.trainer import config_pairs
 
-    train = config.train
-    splits = [(train.split, train.pairs_file, None)]
-    if train.val_pairs_file is not None or (
-        train.data_root is not None and train.dataset != "pair-list"
-    ):
-        splits.append((train.val_split, train.val_pairs_file, train.val_max_pairs))
     paths: dict[Path, None] = {}
-    for split, pairs_file, limit in splits:
-        data = load_dataset(
-            train.dataset,
-            train.data_root,
-            split=split,
-            pairs_file=pairs_file,
-            per_category=0,
-            seed=train.seed,
-        )
-        for pair in list(data)[:limit]:
+    for validation in (False, True):
+        for pair in config_pairs(config.train, validation=validation):
             paths.update({Path(pair.source_path): None, Path(pair.target_path): None})
     return list(paths)
 
 
+def _launched() -> bool:
+    """Whether a launcher (``accelerate launch``, ``torchrun``, ``mpirun``) started several
+    processes: it sets ``WORLD_SIZE`` (or the MPI equivalents) above one."""
+    for var in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        value = os.environ.get(var)
+        if value and value.isdigit() and int(value) > 1:
+            return True
+    return False
+
+
 def _shard(device: str) -> tuple[int, int, str, Any]:
-    """``(rank, world, device, state)`` of this process: ``RANK`` / ``WORLD_SIZE`` as set by
-    ``accelerate launch`` or ``torchrun``; ``state`` an Accelerate ``PartialState`` for the
-    final barrier, ``None`` when it sees another world (e.g. CPU processes under torchrun)."""
-    world = int(os.environ.get("WORLD_SIZE") or 1)
-    if world <= 1:
+    """``(rank, world, device, state)`` of this process.
+
+    Under a launcher (``accelerate launch``, ``torchrun``, ``mpirun``) the Accelerate state
+    of the device kind (``PartialState(cpu=True)`` on CPU: a gloo group) gives rank and world,
+    and ``state`` is it, for the final barrier. When it reports one process (e.g. a GPU asked
+    for on a machine without one), ``RANK`` / ``WORLD_SIZE`` shard the work with no barrier
+    (``state`` ``None``). A single process: ``(0, 1, device, None)``, Accelerate untouched.
+    """
+    if not _launched():
         return 0, 1, device, None
-    rank = int(os.environ.get("RANK") or 0)
-    if device.startswith("cuda") and ":" not in device:
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    import torch
+
+    kind = torch.device(device)
+    cpu = kind.type == "cpu"
     try:
         from accelerate import PartialState
     except ImportError:
-        return rank, world, device, None
-    state = PartialState()
-    return rank, world, device, state if state.num_processes == world else None
+        state = None
+    else:
+        state = PartialState(cpu=cpu)
+    if state is not None and state.num_processes > 1:
+        if not cpu and kind.index is None:
+            device = str(state.device)  # this process's accelerator (cuda:LOCAL_RANK)
+        return state.process_index, state.num_processes, device, state
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    rank = int(os.environ.get("RANK") or 0)
+    if world > 1 and not cpu and kind.index is None:
+        device = f"{device}:{os.environ.get('LOCAL_RANK', '0')}"
+    return rank, world, device, None
 
 
 @cache_app.command("build")

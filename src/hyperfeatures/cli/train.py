@@ -33,7 +33,11 @@ def train(
 ) -> None:
     """Train an aggregation network (the paper's recipe by default); resumable.
 
-    Multi-process: ``accelerate launch -m hyperfeatures train CONFIG.yaml``.
+    Data parallel over W processes (like one process with W times grad_accum; CPU: gloo):
+
+    accelerate launch --multi_gpu --num_processes W -m hyperfeatures train CONFIG.yaml
+
+    or: torchrun --nproc_per_node W -m hyperfeatures train CONFIG.yaml
     """
     from ..config import TrainConfig
     from ..training import Trainer
@@ -46,6 +50,8 @@ def train(
             data.update({k: str(v) if isinstance(v, Path) else v for k, v in changes.items()})
             cfg = TrainConfig(settings=cfg.settings, train=type(cfg.train)(**data))
         out_dir = Path(cfg.train.out)
+        # Every process checks before the Trainer joins the process group (a rendezvous), so
+        # none sees the run folder that the main process writes after it.
         if out_dir.exists() and any(out_dir.iterdir()) and not resume:
             raise FileExistsError(
                 f"{out_dir} already holds a run; pass --resume to continue it or choose "

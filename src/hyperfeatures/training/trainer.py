@@ -10,10 +10,17 @@ processes and ``k`` accumulation steps, step ``s`` of process ``r`` uses pairs
 ``s * W * k + r * k + j`` of that order, so ``W`` processes match one process with ``W * k``
 accumulation steps.
 
+Several processes (``accelerate launch --multi_gpu --num_processes W -m hyperfeatures train``,
+or ``torchrun --nproc_per_node W``; on CPU the processes join a gloo group): the network is
+wrapped for data parallelism and its gradients are averaged across the processes once per
+step (the first ``k - 1`` pairs accumulate locally); the logged loss is the mean over all the
+step's pairs; validation is split across the processes and gathered, so every process gets
+the same figures; only the main process writes the run folder.
+
 The run folder (``train.out``)::
 
     config.yaml                 the TrainConfig of the run
-    log.csv                     step, pairs, loss, lr, val PCK img / bbox, seconds
+    log.csv                     step, loss, lr, val PCK img / bbox, seconds
     tensorboard/                the same scalars (when tensorboard is installed)
     mixing/step_XXXXXX.png      mixing-weight heat map (layer x step) at each validation
     checkpoints/step_XXXXXX/    network (save_pretrained) + trainer_state.pt, written
@@ -27,6 +34,7 @@ step, and continues the same loss curve (bit-identical on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -40,13 +48,13 @@ from typing import Any
 import torch
 
 from .._io import atomic_write_text
-from ..config import TrainConfig
+from ..config import TrainConfig, TrainSettings
 from ..datasets import KeypointPair, PairDataset, load_dataset, load_image
 from ..metrics import PCKAccumulator
 from .loss import correspondence_loss
 from .recipe import PairOrder, make_optimizer
 
-__all__ = ["TrainResult", "Trainer"]
+__all__ = ["TrainResult", "Trainer", "config_pairs"]
 
 STATE_FILE = "trainer_state.pt"
 
@@ -58,7 +66,8 @@ class TrainResult:
     Attributes:
         out: the run folder.
         steps: optimizer steps done (in total, counting a resumed part).
-        losses: the loss of each step of this process (this session only).
+        losses: the loss of each step: the mean over the step's pairs of all processes (this
+            session only).
         validations: ``[(step, pck_img, pck_bbox), ...]`` in percent (bbox ``None`` without
             boxes).
         best: ``(step, pck)`` of the best validation (``None`` without validation).
@@ -71,6 +80,28 @@ class TrainResult:
     validations: list[tuple[int, float, float | None]] = field(default_factory=list)
     best: tuple[int, float] | None = None
     final: Path | None = None
+
+
+def config_pairs(train: TrainSettings, *, validation: bool = False) -> list[KeypointPair]:
+    """The training (or the first ``val_max_pairs`` validation) pairs a
+    :class:`~hyperfeatures.config.TrainSettings` names; ``[]`` when it names no validation set
+    (a pair-list dataset without ``val_pairs_file``, or no ``data_root``)."""
+    if validation:
+        split, pairs_file = train.val_split, train.val_pairs_file
+        if pairs_file is None and (train.data_root is None or train.dataset == "pair-list"):
+            return []
+    else:
+        split, pairs_file = train.split, train.pairs_file
+    data: PairDataset = load_dataset(
+        train.dataset,
+        train.data_root,
+        split=split,
+        pairs_file=pairs_file,
+        per_category=0,
+        seed=train.seed,
+    )
+    pairs = list(data)
+    return pairs[: train.val_max_pairs] if validation else pairs
 
 
 class Trainer:
@@ -109,6 +140,8 @@ class Trainer:
             mixed_precision=train.mixed_precision,
             cpu=torch.device(device).type == "cpu",
         )
+        if self.accelerator.num_processes > 1 and self.accelerator.device.type != "cpu":
+            device = self.accelerator.device  # one accelerator per process, not all on the first
         if source is None:
             from ..sources import load_source
 
@@ -117,8 +150,10 @@ class Trainer:
             )
         self.extractor = FeatureExtractor(source, config.settings)
         self.settings = self.extractor.settings
-        self.train_pairs = list(train_pairs) if train_pairs is not None else self._pairs("train")
-        self.val_pairs = list(val_pairs) if val_pairs is not None else self._pairs("val")
+        self.train_pairs = list(train_pairs) if train_pairs is not None else config_pairs(train)
+        self.val_pairs = (
+            list(val_pairs) if val_pairs is not None else config_pairs(train, validation=True)
+        )
         self.val_pairs = self.val_pairs[: train.val_max_pairs]
         if not self.train_pairs:
             raise ValueError("the training set has no pairs; check dataset, split and data_root")
@@ -143,25 +178,6 @@ class Trainer:
             self._load_latest()
 
     # ------------------------------------------------------------------ setup
-    def _pairs(self, which: str) -> list[KeypointPair]:
-        """The training or validation pairs of the config (``[]``: no validation set)."""
-        train = self.config.train
-        if which == "train":
-            split, pairs_file = train.split, train.pairs_file
-        else:
-            split, pairs_file = train.val_split, train.val_pairs_file
-            if pairs_file is None and (train.data_root is None or train.dataset == "pair-list"):
-                return []
-        data: PairDataset = load_dataset(
-            train.dataset,
-            train.data_root,
-            split=split,
-            pairs_file=pairs_file,
-            per_category=0,
-            seed=train.seed,
-        )
-        return list(data)
-
     def _open_cache(self) -> Any:
         if self.config.train.cache is None:
             return None
@@ -224,17 +240,27 @@ class Trainer:
         return [self.train_pairs[self.order.pair_at(first + j)] for j in range(k)]
 
     def train_step(self) -> float:
-        """One optimizer step; returns the mean loss of this process's pairs."""
+        """One optimizer step; returns the mean loss of the step's pairs (all processes).
+
+        Each process backpropagates ``loss / k`` of its ``k`` pairs; the gradients are summed
+        locally and averaged across the processes (by the data-parallel wrapper) in the backward
+        of the last pair only, so the step's gradient is the mean over all ``W * k`` pairs.
+        """
         pairs = self._step_pairs(self.step)
         self.optimizer.zero_grad()
         total = 0.0
-        for pair in pairs:
-            with self.accelerator.autocast():
-                loss = self.pair_loss(pair) / len(pairs)
-            self.accelerator.backward(loss)
+        for j, pair in enumerate(pairs):
+            last = j == len(pairs) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.network):
+                with self.accelerator.autocast():
+                    loss = self.pair_loss(pair) / len(pairs)
+                self.accelerator.backward(loss)
             total += float(loss.detach())
         self.optimizer.step()
         self.step += 1
+        if self.accelerator.num_processes > 1:
+            mean = torch.tensor(total, dtype=torch.float64, device=self.accelerator.device)
+            total = float(self.accelerator.reduce(mean, reduction="mean"))
         return total
 
     def train(self) -> TrainResult:
@@ -283,16 +309,22 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> tuple[float, float | None]:
         """PCK@0.1 (img, bbox; percent, pooled) of the current network on the validation
-        pairs (the paper's protocol at ``settings.matching_size``)."""
+        pairs (the paper's protocol at ``settings.matching_size``).
+
+        With several processes, process ``r`` predicts pairs ``i % W == r``; the predictions
+        are gathered and every process scores all of them in order (the same figures
+        everywhere, equal to one process's)."""
         from ..correspond import match_points_with_scores
 
         network = self.unwrapped
         was_training = network.training
         network.eval()
-        acc = PCKAccumulator((0.1,))
-        use_bbox = all(p.target_bbox is not None for p in self.val_pairs)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
         grid = self.settings.matching_size or self.settings.image_size
-        for pair in self.val_pairs:
+        mine: list[tuple[int, Any]] = []
+        for i, pair in enumerate(self.val_pairs):
+            if i % world != rank:
+                continue
             desc = network(self._maps(pair))
             pred = match_points_with_scores(
                 desc[0],
@@ -303,14 +335,23 @@ class Trainer:
                 match_size=grid,
                 clip=True,
             ).points
+            mine.append((i, pred.cpu().double().numpy()))
+        network.train(was_training)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            mine = gather_object(mine)
+        preds = dict(mine)
+        acc = PCKAccumulator((0.1,))
+        use_bbox = all(p.target_bbox is not None for p in self.val_pairs)
+        for i, pair in enumerate(self.val_pairs):
             acc.add(
-                pred.cpu().double().numpy(),
+                preds[i],
                 pair.target_points,
                 image_size=pair.target_size,
                 bbox=pair.target_bbox if use_bbox else None,
                 category=pair.category,
             )
-        network.train(was_training)
         overall = acc.summary()["overall"]
         bbox = overall.get("pck_bbox@0.1") if use_bbox else None
         if self.accelerator.is_main_process:
