@@ -2,8 +2,10 @@
 
 - :mod:`~hyperfeatures.aggregation.kernels`: the bottleneck block and its exact fast
   inference kernels;
-- :mod:`~hyperfeatures.aggregation.network`: :class:`AggregationNetwork` (Hub persistence,
-  compatibility checks);
+- :mod:`~hyperfeatures.aggregation.network`: :class:`AggregationNetwork` and the
+  compatibility check;
+- :mod:`~hyperfeatures.aggregation.hub`: its persistence (``save_pretrained``,
+  ``from_pretrained`` of folders and Hub ids, earlier config layouts);
 - :mod:`~hyperfeatures.aggregation.official`: import and export of the original
   implementation's ``.pt`` checkpoints (timestep-label translation).
 """
