@@ -216,9 +216,10 @@ def test_training_from_the_feature_cache(tiny_sd: Backbone, pairs, tmp_path: Pat
     )
     online = _trainer(_config(tmp_path / "online", max_steps=3), tiny_sd, pairs).train()
     cached_cfg = _config(tmp_path / "cached", max_steps=3, cache=str(tmp_path / "cache"))
-    cached = Trainer(
-        cached_cfg, source=tiny_sd, train_pairs=pairs[0], val_pairs=[], progress=False
-    ).train()
+    # no source given: the trainer sizes the network from the cache and never loads the model
+    trainer = Trainer(cached_cfg, train_pairs=pairs[0], val_pairs=[], progress=False)
+    assert trainer.extractor is None and trainer.settings.taps == tuple(TAPS)
+    cached = trainer.train()
     assert cached.losses == pytest.approx(online.losses, rel=2e-3)
     other = _config(
         tmp_path / "other",
@@ -227,6 +228,8 @@ def test_training_from_the_feature_cache(tiny_sd: Backbone, pairs, tmp_path: Pat
         cache=str(tmp_path / "cache"),
     )
     with pytest.raises(ValueError, match="load_size"):
+        Trainer(other, train_pairs=pairs[0], val_pairs=[], progress=False)
+    with pytest.raises(ValueError, match="load_size"):  # also when a source is given
         Trainer(other, source=tiny_sd, train_pairs=pairs[0], val_pairs=[], progress=False)
 
 

@@ -142,14 +142,24 @@ class Trainer:
         )
         if self.accelerator.num_processes > 1 and self.accelerator.device.type != "cpu":
             device = self.accelerator.device  # one accelerator per process, not all on the first
-        if source is None:
-            from ..sources import load_source
+        self.extractor: Any = None
+        if source is None and train.cache is not None:
+            # Training from a feature cache: the maps and their record are on disk, so the
+            # frozen source is never loaded (about 4 GiB for SD 1.5).
+            from ..cache import FeatureCache
 
-            source = load_source(
-                config.settings.model, device=device, dtype=dtype, model_path=model_path
-            )
-        self.extractor = FeatureExtractor(source, config.settings)
-        self.settings = self.extractor.settings
+            self.cache = FeatureCache.open(train.cache, config.settings, must_exist=True)
+            self.settings = self.cache.settings
+        else:
+            if source is None:
+                from ..sources import load_source
+
+                source = load_source(
+                    config.settings.model, device=device, dtype=dtype, model_path=model_path
+                )
+            self.extractor = FeatureExtractor(source, config.settings)
+            self.settings = self.extractor.settings
+            self.cache = self._open_cache()
         self.train_pairs = list(train_pairs) if train_pairs is not None else config_pairs(train)
         self.val_pairs = (
             list(val_pairs) if val_pairs is not None else config_pairs(train, validation=True)
@@ -157,7 +167,6 @@ class Trainer:
         self.val_pairs = self.val_pairs[: train.val_max_pairs]
         if not self.train_pairs:
             raise ValueError("the training set has no pairs; check dataset, split and data_root")
-        self.cache = self._open_cache()
         network = load_aggregator(train.init, device=device)
         if network is None:
             network = self._new_network()
@@ -188,7 +197,11 @@ class Trainer:
     def _new_network(self) -> Any:
         from ..aggregation import AggregationNetwork
 
-        channels = [i.channels for i in self.extractor.tap_info()]
+        if self.extractor is None:  # sized from the cache's record of its taps
+            by_name = {t["name"]: int(t["channels"]) for t in self.cache.taps}
+            channels = [by_name[t] for t in self.settings.taps]
+        else:
+            channels = [i.channels for i in self.extractor.tap_info()]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.train.seed)
             return AggregationNetwork(
