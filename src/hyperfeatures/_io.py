@@ -8,13 +8,14 @@ file is removed and an existing target is left untouched. Imports nothing of the
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "atomic_write", "atomic_write_text"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_text"]
 
 PathLike = str | os.PathLike[str]
 
@@ -65,3 +66,25 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], object]) -> Path:
 def atomic_write_text(path: PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     return atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_dir(folder: PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_folder)``, then rename the folder over ``folder``: a folder (a saved
+    network, a checkpoint) appears complete under its name, or not at all. An existing
+    ``folder`` is replaced; on any error the temporary folder is removed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

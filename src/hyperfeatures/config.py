@@ -299,16 +299,8 @@ class Settings(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> Settings:
         """Read a YAML file of settings (unknown keys are refused with the valid names)."""
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise SettingsError(f"settings file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SettingsError(f"settings file {path} is not valid YAML: {first}") from None
+        data = _read_yaml(path, "settings file")
         return cls.from_dict(data or {}, source=f"settings file {path}")
 
     def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
@@ -326,6 +318,20 @@ class Settings(BaseModel):
         """Fields that differ, as ``"name: self_value != other_value"`` lines."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """The parsed YAML of ``path``; a missing or unreadable file is a ``SettingsError`` that
+    names it (``what``: "settings file", "training config")."""
+    import yaml
+
+    if not path.is_file():
+        raise SettingsError(f"{what} {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SettingsError(f"{what} {path} is not valid YAML: {first}") from None
 
 
 def _explain(err: ValidationError, record: type[BaseModel] | None = None) -> str:
@@ -454,16 +460,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
         """Read a training config file; errors name the file and the field."""
-        import yaml
-
         path = Path(path)
-        if not path.is_file():
-            raise SettingsError(f"training config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise SettingsError(f"training config {path} is not valid YAML: {first}") from None
+        data = _read_yaml(path, "training config") or {}
         if not isinstance(data, Mapping):
             raise SettingsError(f"training config {path}: expected a mapping with settings/train")
         unknown = sorted(set(data) - {"settings", "train"})

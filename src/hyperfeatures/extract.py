@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ._io import atomic_write, atomic_write_text
+from ._progress import progress_bar
 from .cache import read_feature_file
 from .config import Settings
 from .datasets.images import ImageLoadError, iter_image_paths, load_image
@@ -156,16 +156,6 @@ class ExtractJob:
             )
         return True
 
-    def _progress(self) -> Progress:
-        return Progress(
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=self.console or Console(stderr=True),
-            transient=False,
-        )
-
     def _save_manifest(self) -> Path:
         path = self.out / "manifest.json"
         atomic_write_text(path, json.dumps(self._manifest, indent=2))
@@ -201,7 +191,7 @@ class ExtractJob:
                 items.append({"input": str(p), "key": k, "status": "skipped"})
             else:
                 todo.append((i, p, k))
-        with self._progress() as bar:
+        with progress_bar(console=self.console) as bar:
             task = bar.add_task("extracting", total=len(todo))
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start : start + self.batch_size]
@@ -260,7 +250,7 @@ class ExtractJob:
                 items.append({"input": prompt, "key": k, "status": "skipped"})
             else:
                 todo.append((i, prompt, k))
-        with self._progress() as bar:
+        with progress_bar(console=self.console) as bar:
             task = bar.add_task("generating", total=len(todo))
             # noise seeds are seed + prompt index: batch only consecutive indices (see images)
             chunks = [

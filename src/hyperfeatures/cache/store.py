@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .._io import atomic_write_text
+from .._progress import progress_bar
 from ..config import Settings
 from .files import feature_key, read_feature_file, write_feature_file
 
@@ -419,16 +420,13 @@ class FeatureCache:
     ) -> None:
         """Run the source on ``todo`` (``(index, path)``), one file per image; ``part`` (the
         shard's entries) is rewritten after each batch."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
         from ..datasets.images import ImageLoadError, load_image
 
         settings = self.record["settings"]
         expected = {feature_key(s, t) for s in settings["steps"] for t in settings["taps"]}
         sampled = settings.get("posterior") == "sample"
         size = 1 if sampled else batch_size
-        columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress("{task.description}", *columns, console=console, disable=not progress) as bar:
+        with progress_bar(console=console, enabled=progress) as bar:
             task = bar.add_task("caching features", total=len(todo))
             for start in range(0, len(todo), size):
                 chunk, batch = todo[start : start + size], []

@@ -105,7 +105,7 @@ def match_points_with_scores(
 ) -> PointMatches:
     """Transfer source keypoints to the target image (the paper's protocol).
 
-    Both descriptor maps are bilinearly upsampled (``align_corners=False``) to the load grid;
+    Both descriptor maps are bilinearly upsampled (``align_corners=False``) to the matching grid;
     each source point is scaled onto that grid (``x * W_load / W_src``), rounded (half to even)
     and clipped to it; it takes the target grid pixel of highest cosine similarity, whose
     ``(x, y)`` is scaled back to the original target image (``x * W_trg / W_load``).

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .._progress import progress_bar
 from ..correspond import match_points_with_scores
 from ..datasets import KeypointPair, PairDataset, load_image
 from ..metrics import PCKAccumulator
@@ -26,7 +27,6 @@ from .report import EvalResult, PairPrediction
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.progress import Progress
 
     from .methods import Method
 
@@ -167,29 +167,6 @@ def _unique_pair_ids(pairs: Sequence[KeypointPair]) -> list[str]:
     if len(set(ids)) != len(ids):
         ids = [f"{i:06d}:{pid}" for i, pid in enumerate(ids)]
     return ids
-
-
-def _progress_bar(console: Console | None, progress: bool) -> Progress:
-    """The rich progress bar of :func:`evaluate` (disabled when ``progress`` is false)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console or Console(stderr=True),
-        disable=not progress,
-    )
 
 
 def _descriptor_info(desc: torch.Tensor, match_size: int) -> dict[str, Any]:
@@ -348,7 +325,7 @@ def evaluate(
     match_seconds: list[float] = []
     desc_info: dict[str, Any] = {}  # shape, dtype, bytes and device of one descriptor
     start = time.perf_counter()
-    bar = _progress_bar(console, progress)
+    bar = progress_bar(console=console, enabled=progress, elapsed=True)
     with bar, torch.no_grad():
         task = bar.add_task(f"{method.name} on {dataset_name}", total=len(pairs))
         for pair, pair_id in zip(pairs, ids, strict=True):

@@ -37,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +45,8 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_write_text
+from .._io import atomic_dir, atomic_write_text
+from .._progress import progress_bar
 from ..config import TrainConfig, TrainSettings
 from ..datasets import KeypointPair, PairDataset, load_dataset, load_image
 from ..metrics import PCKAccumulator
@@ -285,7 +284,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self.config.to_yaml(self.out / "config.yaml")
         logger = _Logger(self.out, enabled=main)
-        bar = _progress(train.max_steps, self.step, enabled=main and self.progress)
+        from rich.progress import TextColumn
+
+        loss_column = TextColumn("{task.fields[loss]}")
+        bar = progress_bar(loss_column, enabled=main and self.progress)
         start = time.perf_counter()
         with bar:
             task = bar.add_task("training", total=train.max_steps, completed=self.step, loss="")
@@ -313,7 +315,7 @@ class Trainer:
         result.best = self.best
         if main:
             final = self.out / "final"
-            _atomic_dir(final, self.unwrapped.save_pretrained)
+            atomic_dir(final, self.unwrapped.save_pretrained)
             result.final = final
         self.accelerator.wait_for_everyone()
         return result
@@ -388,7 +390,7 @@ class Trainer:
             return
         self.best = (self.step, pck)
         if self.accelerator.is_main_process:
-            _atomic_dir(self.out / "best", self.unwrapped.save_pretrained)
+            atomic_dir(self.out / "best", self.unwrapped.save_pretrained)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path | None:
@@ -409,7 +411,7 @@ class Trainer:
             self.unwrapped.save_pretrained(tmp)
             torch.save(state, tmp / STATE_FILE)
 
-        _atomic_dir(folder, write)
+        atomic_dir(folder, write)
         atomic_write_text(self.out / "checkpoints" / "latest", folder.name + "\n")
         return folder
 
@@ -438,25 +440,6 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- helpers
-def _atomic_dir(folder: Path, write: Any) -> Path:
-    """``write(tmp_folder)``, then rename the folder over ``folder`` (complete or absent)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.old")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
 class _Logger:
     """CSV (always) and TensorBoard (when installed) logs of the main process."""
 
@@ -492,24 +475,3 @@ class _Logger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def _progress(total: int, done: int, *, enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[loss]}"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
