@@ -1,4 +1,5 @@
-"""Atomic file writes: a file appears complete under its name, or not at all.
+"""Atomic file writes (a file appears complete under its name, or not at all) and the one
+guarded JSON reader.
 
 Every writer of the project goes through here: the data is written to a hidden temporary
 file beside the target, flushed, then renamed over the target. On any error the temporary
@@ -7,6 +8,7 @@ file is removed and an existing target is left untouched. Imports nothing of the
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -15,7 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_text"]
+__all__ = [
+    "JSONFileError",
+    "atomic_dir",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_text",
+    "read_json",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -88,3 +97,41 @@ def atomic_dir(folder: PathLike, write: Callable[[Path], object]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+class JSONFileError(ValueError):
+    """A JSON file cannot be read: not UTF-8, invalid syntax, or nested too deeply."""
+
+
+def read_json(path: PathLike, *, what: str = "JSON file") -> object:
+    """Parse a JSON file; every failure is one :class:`JSONFileError` line naming the file.
+
+    Covers syntax errors (with line and column), non-UTF-8 bytes and nesting so deep that the
+    parser would hit Python's recursion limit. A missing file raises ``FileNotFoundError``
+    naming ``what`` and the path (both are ``OSError`` / ``ValueError``: the CLI prints them
+    as one ``error:`` line).
+
+    Args:
+        path: the file.
+        what: words naming the file's role in messages, e.g. ``"annotation file"``.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{what} not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise IsADirectoryError(f"{what} {path} is a folder; expected a JSON file") from exc
+    except UnicodeDecodeError as exc:
+        raise JSONFileError(f"{what} {path} is not UTF-8 text ({exc.reason})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JSONFileError(
+            f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from exc
+    except RecursionError as exc:
+        raise JSONFileError(
+            f"{what} {path} is nested too deeply to be a valid file (JSON arrays or objects "
+            "inside each other thousands of levels deep); regenerate it"
+        ) from exc

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -65,12 +65,17 @@ def _require_file(path: Path, context: str) -> None:
     raise ImageNotFoundError(f"image file not found: {path}{where}.")
 
 
-def load_image(path: str | os.PathLike[str], *, context: str = "") -> Image.Image:
+def load_image(
+    path: str | os.PathLike[str], *, context: str = "", exif_transpose: bool = False
+) -> Image.Image:
     """Decode an image file to an RGB PIL image.
 
     Args:
         path: image file (any format PIL reads: JPEG, PNG, BMP, GIF, TIFF, WebP, ...).
         context: optional words appended to error messages, e.g. which annotation named the file.
+        exif_transpose: apply the EXIF orientation tag (photos from phones and cameras), as
+            image viewers do. ``extract`` and ``match`` do; dataset loaders do not, since
+            their annotations refer to the stored pixel grid.
 
     Returns:
         ``PIL.Image.Image`` in mode ``"RGB"`` with the stored size ``(W, H)`` (no EXIF rotation).
@@ -86,6 +91,8 @@ def load_image(path: str | os.PathLike[str], *, context: str = "") -> Image.Imag
     try:
         with Image.open(path) as image:
             image.load()
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
             if image.mode == "P":
                 # Palette images may carry transparency; go through RGBA to keep PIL quiet.
                 image = image.convert("RGBA")
