@@ -66,7 +66,7 @@ def _save_folder(backbone: Backbone, folder: Path, scheduler: dict | None = None
 # --------------------------------------------------------------------------- registry
 def test_registry_names() -> None:
     names = [s.name for s in list_sources("diffusion")]
-    assert names == ["sd15", "sd21", "sdxl", "tiny-sd", "tiny-sdxl"]
+    assert names == ["sd15", "sd14", "sd21", "sdxl", "sdxl-turbo", "tiny-sd", "tiny-sdxl"]
     assert SOURCES["sd15"].image_size == 512 and SOURCES["sdxl"].image_size == 1024
     assert SOURCES["sdxl"].family == "sdxl" and SOURCES["sd21"].family == "sd"
     assert SOURCES["tiny-sd"].hub_id is None and SOURCES["tiny-sd"].random_weights
@@ -316,10 +316,10 @@ def test_missing_weights_error(empty_hf_cache: Path) -> None:
         load_backbone("sd15")
     message = str(info.value)
     assert str(empty_hf_cache) in message
-    assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+    assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
     assert "--model-path" in message and "HF_HUB_OFFLINE=1" in message
     assert isinstance(info.value, FileNotFoundError)
-    with pytest.raises(WeightsNotFoundError, match="huggingface-cli download"):
+    with pytest.raises(WeightsNotFoundError, match="hf download"):
         load_backbone("someone/some-model")
     with pytest.raises(WeightsNotFoundError, match="someone/some-model"):
         unet_architecture("someone/some-model")

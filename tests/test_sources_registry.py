@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hyperfeatures.sources.hub as hub_module
 from hyperfeatures.config import Settings, SettingsError
 from hyperfeatures.sources.architectures import ARCHITECTURES, unet_architecture
 from hyperfeatures.sources.backbones import Backbone
@@ -124,8 +125,10 @@ def test_registry_contents_and_list_sources() -> None:
     assert list_sources() == list(SOURCES.values())
     assert [s.name for s in list_sources("diffusion")] == [
         "sd15",
+        "sd14",
         "sd21",
         "sdxl",
+        "sdxl-turbo",
         "tiny-sd",
         "tiny-sdxl",
     ]
@@ -138,6 +141,8 @@ def test_registry_contents_and_list_sources() -> None:
     sizes = {name: spec.image_size for name, spec in SOURCES.items()}
     assert sizes == {
         "sd15": 512,
+        "sd14": 512,
+        "sdxl-turbo": 512,
         "sd21": 512,
         "sdxl": 1024,
         "tiny-sd": 64,
@@ -372,21 +377,33 @@ def test_weights_not_found_message(empty_hf_cache: Path, monkeypatch: pytest.Mon
     assert isinstance(err, WeightsNotFoundError) and isinstance(err, FileNotFoundError)
     message = str(err)
     assert str(empty_hf_cache / "models--owner--model") + " (not found)" in message
-    assert "`huggingface-cli download owner/model`" in message
+    assert "`hf download owner/model`" in message
     assert "--model-path DIR" in message and "model_path=DIR" in message
-    assert "HF_HUB_OFFLINE=1" in message and "not tried" in message
+    assert "not asked: HF_HUB_OFFLINE=1" in message
+    assert "unset HF_HUB_OFFLINE" in message and "set HF_HUB_OFFLINE=1" not in message
     assert "Cause: OSError: no file named unet/config.json" in message
     assert "second line" not in message
-    # a partial cache entry, and the hub tried when online
+    # names only things that exist: the current hub CLI, the real flag, no Python-only flag
+    assert "huggingface-cli" not in message
+    assert "random_weights=True" in message and "in Python" in message
+    # a name of the form owner/name that is no folder here: say so, it may be a typo'd path
+    assert "if 'owner/model' is meant as a local folder: it does not exist" in message
+    # a partial cache entry, and the hub asked when online and reachable
     (empty_hf_cache / "models--owner--model").mkdir(parents=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(hub_module, "hub_reachable", lambda: True)
     message = str(weights_not_found("x", hub_id="owner/model", local=None, cause=cause))
-    assert "(present but incomplete)" in message and "tried, it failed" in message
+    assert "(present but incomplete)" in message and "asked, and it did not" in message
+    assert "HF_HUB_OFFLINE" not in message
+    # online but unreachable: said, and no retries were waited for
+    monkeypatch.setattr(hub_module, "hub_reachable", lambda: False)
+    message = str(weights_not_found("x", hub_id="owner/model", local=None, cause=cause))
+    assert "not reachable from this machine (https://huggingface.co)" in message
     # a local folder only: no cache line, no download command
     missing = empty_hf_cache.parent / "nowhere"
     message = str(weights_not_found("x", hub_id=None, local=missing, cause=cause, needs="N"))
     assert f"local folder: {missing} (missing)" in message
-    assert "huggingface-cli" not in message and "Hugging Face cache" not in message
+    assert "hf download" not in message and "Hugging Face cache" not in message
     message = str(weights_not_found("x", hub_id=None, local=empty_hf_cache, cause=cause, needs="N"))
     assert "no loadable N there" in message
 
@@ -402,7 +419,7 @@ def test_loaders_raise_one_error_without_a_chain(empty_hf_cache: Path) -> None:
         load_backbone("sd15")
     message = str(info.value)
     assert str(empty_hf_cache / "models--stable-diffusion-v1-5--stable-diffusion-v1-5") in message
-    assert "huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
+    assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in message
     assert "--model-path" in message and "HF_HUB_OFFLINE" in message
     _no_chain(info.value)
     # an alias of the registry is looked up under the entry's hub id
@@ -410,7 +427,7 @@ def test_loaders_raise_one_error_without_a_chain(empty_hf_cache: Path) -> None:
         load_source("runwayml/stable-diffusion-v1-5")
     with pytest.raises(WeightsNotFoundError) as info:
         load_source("someone/some-model", kind="diffusion")
-    assert "huggingface-cli download someone/some-model" in str(info.value)
+    assert "hf download someone/some-model" in str(info.value)
     _no_chain(info.value)
     with pytest.raises(WeightsNotFoundError) as info:
         unet_architecture("someone/some-model")
@@ -421,7 +438,7 @@ def test_vit_loader_raises_one_error_without_a_chain(empty_hf_cache: Path) -> No
     _vit_source_class()
     with pytest.raises(WeightsNotFoundError) as info:
         load_source("dino-vits8")
-    assert "huggingface-cli download facebook/dino-vits8" in str(info.value)
+    assert "hf download facebook/dino-vits8" in str(info.value)
     _no_chain(info.value)
 
 
@@ -525,7 +542,54 @@ def test_run_seeds_each_item_independently_of_batching(tiny_sd: Backbone) -> Non
 
 
 def test_random_weights_refuse_a_model_path(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="reads no model_path"):
+    with pytest.raises(ValueError, match="reads no weights folder; drop --model-path"):
         load_source("tiny-sd", model_path=tmp_path)
-    with pytest.raises(ValueError, match="reads no model_path"):
+    with pytest.raises(ValueError, match="reads no weights folder; drop --model-path"):
         load_source("sd15", random_weights=True, model_path=tmp_path)
+    with pytest.raises(ValueError, match="reads no weights folder; drop --model-path"):
+        load_source("tiny-dino", model_path=tmp_path)
+
+
+def test_hub_probe_is_fast_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreachable endpoint is detected by one short connection attempt, remembered, and
+    turns loaders to the local cache only (no ~30 s of client retries)."""
+    import time
+
+    monkeypatch.setattr(hub_module, "_REACHABLE", {})
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    start = time.perf_counter()
+    assert hub_module.hub_reachable() is False
+    assert time.perf_counter() - start < hub_module.HUB_PROBE_TIMEOUT_S + 1
+    assert hub_module.local_files_only() is True
+    assert hub_module._REACHABLE == {"http://127.0.0.1:9": False}
+
+
+def test_hub_deprecation_warning_is_silenced_at_its_source(
+    empty_hf_cache: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """diffusers passes ``local_dir_use_symlinks`` to the hub client on every config look-up;
+    its deprecation warning must not precede our error."""
+    import warnings
+
+    warnings.simplefilter("always")
+    with pytest.raises(WeightsNotFoundError):
+        unet_architecture("someone/some-model")
+    with pytest.raises(WeightsNotFoundError):
+        load_backbone("sd15")
+    assert not [w for w in recwarn if "local_dir_use_symlinks" in str(w.message)]
+
+
+def test_sd14_and_sdxl_turbo_are_registry_entries_that_list_taps_without_weights() -> None:
+    for name, hub_id, size in (
+        ("sd14", "CompVis/stable-diffusion-v1-4", 512),
+        ("sdxl-turbo", "stabilityai/sdxl-turbo", 512),
+    ):
+        spec = source_spec(name)
+        assert spec is not None and spec.hub_id == hub_id and spec.image_size == size
+        assert source_spec(hub_id) is spec
+        unet = unet_architecture(name)  # bundled config: no weights, no network
+        assert unet.device.type == "meta"
+    assert unet_architecture("sdxl-turbo").config.sample_size == 64
+    assert unet_architecture("sd14").config == unet_architecture("sd15").config

@@ -522,7 +522,7 @@ def test_missing_weights_give_one_clear_error(_offline_empty_hf_cache: Path) -> 
         assert err.__cause__ is None and err.__suppress_context__  # one error, no chain
         msg = str(err)
         assert str(cache / "models--facebook--dino-vits8") in msg
-        assert "huggingface-cli download facebook/dino-vits8" in msg
+        assert "hf download facebook/dino-vits8" in msg
         assert "--model-path" in msg
         assert "HF_HUB_OFFLINE" in msg
         assert repr(name) in msg

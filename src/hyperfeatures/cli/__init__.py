@@ -20,10 +20,36 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
+
+
+def _plain_flags() -> None:
+    """Show on/off options as plain flags in ``--help``.
+
+    Recent typer releases print the type of every option, so a flag reads ``--strict <bool>``
+    as if it took a value (it does not: ``--strict`` alone turns it on). Flags get no type
+    column; every other option keeps its type.
+    """
+    option = getattr(typer.core, "TyperOption", None)
+    show = getattr(option, "display_type_rich", None)
+    if option is None or show is None or getattr(show, "_plain_flags", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and not getattr(self, "count", False):
+            return None
+        return show(self, ctx)
+
+    display_type_rich._plain_flags = True  # type: ignore[attr-defined]
+    option.display_type_rich = display_type_rich
+
+
+_plain_flags()
 
 app = typer.Typer(
     pretty_exceptions_show_locals=False,
@@ -51,6 +77,46 @@ def user_errors() -> Iterator[None]:
         fail(str(err))
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("hyperfeatures")
+        except PackageNotFoundError:  # running from a source tree that is not installed
+            text = "unknown (not installed)"
+        console.print(f"hyperfeatures {text}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    show_version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Print the installed version and exit.",
+    ),
+) -> None:
+    """Diffusion hyperfeatures: extract, aggregate and match diffusion-model features.
+
+    Exit codes: 0 success; 2 a user error (one `error:` line says what and the fix);
+    3 `extract` finished but some inputs failed; 130 / 143 interrupted (SIGINT / SIGTERM).
+    """
+
+
+def _quiet_broken_pipe() -> None:
+    """``hyperfeatures layers | head``: the reader left; end quietly like other CLIs."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
 def main() -> None:
     """Console-script entry point: user errors print one clear line, not a traceback."""
     from ..runtime import tune_glibc_malloc
@@ -58,6 +124,12 @@ def main() -> None:
     tune_glibc_malloc()
     try:
         app()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        sys.exit(0)
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False)
+        sys.exit(130)
     except (ValueError, OSError) as err:
         err_console.print(f"[red]error:[/red] {escape(str(err))}", highlight=False)
         sys.exit(2)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hub import is_hub_id, offline, weights_not_found
+from .hub import is_hub_id, local_files_only, quiet_hub_warnings, weights_not_found
 
 __all__ = ["ARCHITECTURES", "build_random_modules", "offline_tokenizer", "unet_architecture"]
 
@@ -111,6 +111,13 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "vae_scale": 0.13025,
         "prediction_type": "epsilon",
     },
+}
+# Same architectures, other weights: SD 1.4 is SD 1.5's architecture; SDXL-Turbo (distilled
+# for one to four steps at 512 px) is SDXL's UNet with a 64x64 default latent.
+ARCHITECTURES["sd14"] = ARCHITECTURES["sd15"]
+ARCHITECTURES["sdxl-turbo"] = {
+    **ARCHITECTURES["sdxl"],
+    "unet": {**ARCHITECTURES["sdxl"]["unet"], "sample_size": 64},
 }
 _REAL_VAE: dict[str, Any] = {
     "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -239,9 +246,10 @@ def unet_architecture(name: str | os.PathLike[str], *, model_path: str | None = 
         if model_path is None and spec is None and not (is_hub_id(source) or os.path.isdir(source)):
             raise ValueError(unknown_source_message(source))
         try:
-            config = UNet2DConditionModel.load_config(
-                source, subfolder="unet", local_files_only=offline()
-            )
+            with quiet_hub_warnings():
+                config = UNet2DConditionModel.load_config(
+                    source, subfolder="unet", local_files_only=local_files_only()
+                )
         except (OSError, ValueError) as err:
             raise weights_not_found(
                 key,

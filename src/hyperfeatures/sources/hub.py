@@ -7,7 +7,8 @@ error when they are absent:
 2. the Hugging Face cache: ``HF_HUB_CACHE`` (or ``HUGGINGFACE_HUB_CACHE``), else
    ``$HF_HOME/hub``, else ``$XDG_CACHE_HOME/huggingface/hub``, else
    ``~/.cache/huggingface/hub``;
-3. the hub, unless ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``).
+3. the hub, unless ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``) or the hub endpoint
+   cannot be reached (probed once per process, :func:`hub_reachable`).
 
 Both environment variables are read at call time, so tests and users may set them late.
 """
@@ -16,13 +17,22 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 __all__ = [
     "WeightsNotFoundError",
     "hf_cache_dir",
+    "hub_endpoint",
+    "hub_reachable",
     "is_hub_id",
+    "local_files_only",
     "offline",
+    "quiet_hub_warnings",
     "weights_not_found",
 ]
 
@@ -69,6 +79,61 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
+#: Seconds the reachability probe of the hub waits for a TCP connection.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def hub_endpoint() -> str:
+    """The hub's base URL (``HF_ENDPOINT``, default ``https://huggingface.co``)."""
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or "https://huggingface.co"
+
+
+def hub_reachable() -> bool:
+    """Whether a TCP connection to the hub endpoint opens within :data:`HUB_PROBE_TIMEOUT_S`.
+
+    Probed once per process and endpoint. Without it, a machine with no network waits for
+    the Hugging Face client's retries (about 30 s) before every missing-weights error.
+    """
+    endpoint = hub_endpoint()
+    if endpoint not in _REACHABLE:
+        url = urlsplit(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            with socket.create_connection((url.hostname or "", port), HUB_PROBE_TIMEOUT_S):
+                _REACHABLE[endpoint] = True
+        except (OSError, ValueError):
+            _REACHABLE[endpoint] = False
+    return _REACHABLE[endpoint]
+
+
+def local_files_only() -> bool:
+    """Whether loaders must stay off the network: offline mode, or the hub is unreachable.
+
+    Weights already in the Hugging Face cache load either way.
+    """
+    return offline() or not hub_reachable()
+
+
+@contextmanager
+def quiet_hub_warnings() -> Iterator[None]:
+    """Silence the deprecation warning that diffusers' config loader triggers in
+    ``huggingface_hub`` on every look-up (it passes ``local_dir_use_symlinks``, which the
+    client ignores). Other warnings pass through."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        yield
+
+
+def _hub_state() -> str:
+    if offline():
+        return "not asked: HF_HUB_OFFLINE=1 (or TRANSFORMERS_OFFLINE=1) is set"
+    if not hub_reachable():
+        return f"not reachable from this machine ({hub_endpoint()})"
+    return "asked, and it did not provide them (see the cause below)"
+
+
 def weights_not_found(
     name: str,
     *,
@@ -79,6 +144,9 @@ def weights_not_found(
     needs: str = "config.json and the weights",
 ) -> WeightsNotFoundError:
     """The one error users see when weights are missing: where it looked, how to fix it.
+
+    Every suggestion names something that exists: the ``hf download`` command of the current
+    ``huggingface_hub``, the ``--model-path`` flag, the environment variables.
 
     Args:
         name: what the user asked for (registry name, hub id or folder).
@@ -98,27 +166,28 @@ def weights_not_found(
         repo_dir = hf_cache_dir() / ("models--" + hub_id.replace("/", "--"))
         state = "present but incomplete" if repo_dir.exists() else "not found"
         lines.append(f"  - Hugging Face cache: {repo_dir} ({state})")
-        if offline():
-            lines.append("  - the hub: not tried (HF_HUB_OFFLINE=1 is set)")
-        else:
-            lines.append("  - the hub: tried, it failed (no network?)")
+        lines.append(f"  - the hub: {_hub_state()}")
     lines.append("To provide them:")
     if hub_id is not None:
         lines.append(
-            f"  - on a machine with internet: `huggingface-cli download {hub_id}` fills the "
-            "cache; copy the cache folder here and point HF_HOME (or HF_HUB_CACHE) at it;"
+            f"  - on a machine with internet: `hf download {hub_id}` fills the cache; copy "
+            "the cache folder here and point HF_HOME (or HF_HUB_CACHE) at it;"
         )
+        if offline():
+            lines.append("  - or unset HF_HUB_OFFLINE to let this machine download them;")
+        if "/" in name and not Path(name).expanduser().exists() and name == hub_id:
+            lines.append(
+                f"  - if {name!r} is meant as a local folder: it does not exist (relative "
+                f"paths start from {Path.cwd()});"
+            )
     lines.append(
         f"  - or pass a local folder holding {needs}: `--model-path DIR` on the command line, "
         "`model_path=DIR` in Python;"
     )
     lines.append(
-        "  - set HF_HUB_OFFLINE=1 to skip network look-ups"
-        + ("; unset it to allow a download." if offline() else ".")
-    )
-    lines.append(
-        "  - for tests and demos without weights use the tiny models (tiny-sd, tiny-sdxl, "
-        "tiny-dino, tiny-dinov2) or random_weights=True for a real architecture."
+        "  - without weights: the tiny models (tiny-sd, tiny-sdxl, tiny-dino, tiny-dinov2) "
+        "run everything offline; in Python, load_source(NAME, random_weights=True) builds a "
+        "registry diffusion architecture with random weights (for timing only)."
     )
     lines.append(f"Cause: {_first_line(cause)}")
     return WeightsNotFoundError("\n".join(lines))

@@ -21,7 +21,7 @@ from torch import nn
 from .architectures import ARCHITECTURES, build_random_modules
 from .backbones import Backbone, Family
 from .base import resolve_device, resolve_dtype
-from .hub import is_hub_id, offline, weights_not_found
+from .hub import is_hub_id, local_files_only, quiet_hub_warnings, weights_not_found
 from .registry import SourceSpec, source_spec, unknown_source_message
 
 __all__ = ["load_backbone"]
@@ -63,9 +63,14 @@ def load_backbone(
         key = spec.name
     if key.startswith("tiny-") or random_weights:
         if model_path is not None:
+            what = (
+                f"{key!r} is built from a bundled config with seeded random weights"
+                if key.startswith("tiny-")
+                else "random_weights=True builds the architecture with random weights"
+            )
             raise ValueError(
-                f"{key!r} with random weights reads no model_path; drop model_path, or load "
-                "real weights with model_path and without random_weights"
+                f"{what}, so it reads no weights folder; drop --model-path (model_path=), or "
+                "name the model the folder holds (e.g. --model sd15 --model-path DIR)"
             )
         if key not in ARCHITECTURES:
             known = ", ".join(sorted(ARCHITECTURES))
@@ -96,7 +101,9 @@ def load_backbone(
         source = key
     else:
         raise ValueError(unknown_source_message(key))
-    return _load_pretrained(key, source, spec, local=local, dtype=torch_dtype).to(torch_device)
+    with quiet_hub_warnings():
+        backbone = _load_pretrained(key, source, spec, local=local, dtype=torch_dtype)
+    return backbone.to(torch_device)
 
 
 _DIFFUSERS_FOLDER = "a diffusers layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
@@ -113,7 +120,7 @@ def _load_pretrained(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    kwargs: dict[str, Any] = {"local_files_only": offline()}
+    kwargs: dict[str, Any] = {"local_files_only": local_files_only()}
     try:
         # weights load straight into the target dtype (half the memory of a later cast)
         unet = UNet2DConditionModel.from_pretrained(

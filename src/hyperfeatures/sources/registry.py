@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 
 from .base import FeatureSource, resolve_device, resolve_dtype
-from .hub import is_hub_id, offline
+from .hub import is_hub_id, local_files_only
 
 __all__ = [
     "SOURCES",
@@ -97,6 +97,16 @@ SOURCES: dict[str, SourceSpec] = {
             ),
         ),
         SourceSpec(
+            "sd14",
+            "diffusion",
+            "sd",
+            "CompVis/stable-diffusion-v1-4",
+            512,
+            "dhf",
+            "Stable Diffusion 1.4 (SD 1.5's architecture)",
+            official_ids=("CompVis/stable-diffusion-v1-4",),
+        ),
+        SourceSpec(
             "sd21",
             "diffusion",
             "sd",
@@ -118,6 +128,16 @@ SOURCES: dict[str, SourceSpec] = {
             "dhf",
             "Stable Diffusion XL base 1.0",
             official_ids=("stabilityai/stable-diffusion-xl-base-1.0",),
+        ),
+        SourceSpec(
+            "sdxl-turbo",
+            "diffusion",
+            "sdxl",
+            "stabilityai/sdxl-turbo",
+            512,
+            "dhf",
+            "SDXL-Turbo (SDXL distilled for 1-4 steps, 512 px; suits one-step features)",
+            official_ids=("stabilityai/sdxl-turbo",),
         ),
         SourceSpec(
             "tiny-sd", "diffusion", "sd", None, 64, "dhf", "SD-shaped, seeded random weights"
@@ -217,7 +237,7 @@ def _guess_kind(name: str, model_path: str | os.PathLike[str] | None) -> Kind:
 
         for filename, kind in (("model_index.json", "diffusion"), ("config.json", "vit")):
             try:
-                path = hf_hub_download(name, filename, local_files_only=offline())
+                path = hf_hub_download(name, filename, local_files_only=local_files_only())
             except Exception:  # not there, or not reachable: try the next marker
                 continue
             if kind == "vit":

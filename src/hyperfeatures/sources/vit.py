@@ -57,7 +57,7 @@ from transformers import (
 from ..config import Settings, SettingsError
 from ..taps import TapError, TapInfo
 from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
-from .hub import hf_cache_dir, is_hub_id, offline, weights_not_found
+from .hub import hf_cache_dir, is_hub_id, local_files_only, weights_not_found
 from .registry import list_sources, source_spec
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ViTSource"]
@@ -145,7 +145,7 @@ def _load_pretrained(
     checkpoints that lack weights (transformers would fill them with random values)."""
     kwargs: dict[str, Any] = {}
     if local is None:
-        kwargs = {"cache_dir": str(hf_cache_dir()), "local_files_only": offline()}
+        kwargs = {"cache_dir": str(hf_cache_dir()), "local_files_only": local_files_only()}
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:
@@ -176,7 +176,7 @@ def _load_pretrained(
         raise ValueError(
             f"the checkpoint at {source!r} lacks {len(missing)} weight(s) of {cls.__name__} "
             f"(e.g. {missing[:3]}), so they would be random; it is not a complete DINO / "
-            f"DINOv2 checkpoint. Re-download it (`huggingface-cli download "
+            f"DINOv2 checkpoint. Re-download it (`hf download "
             f"{hub_id or '<hub id>'}`) or point model_path at a folder written by save_pretrained"
         )
     return model
@@ -295,8 +295,9 @@ class ViTSource(FeatureSource):
         if spec is not None and spec.random_weights:
             if model_path is not None:
                 raise ValueError(
-                    f"{key!r} has random weights and reads no model_path; drop model_path or "
-                    f"use one of {_vit_names(pretrained_only=True)}"
+                    f"{key!r} is built with seeded random weights, so it reads no weights "
+                    "folder; drop --model-path (model_path=), or name the model the folder "
+                    f"holds ({', '.join(_vit_names(pretrained_only=True))})"
                 )
             model, family = _tiny_model(spec.family, seed), spec.family
         else:
@@ -331,7 +332,7 @@ class ViTSource(FeatureSource):
             if local is not None and not local.exists():
                 raise FileNotFoundError(
                     f"model_path {str(local)!r} does not exist; pass the folder that holds "
-                    f"config.json and the weights of {key!r} (e.g. from `huggingface-cli "
+                    f"config.json and the weights of {key!r} (e.g. from `hf "
                     f"download {hub_id}`)"
                 )
             source = str(local) if local is not None else str(hub_id)
