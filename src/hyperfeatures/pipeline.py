@@ -34,9 +34,52 @@ __all__ = [
     "DescriptorPipeline",
     "FeatureExtractor",
     "HyperfeaturePipeline",
+    "PipelineInput",
+    "as_image_list",
     "load_aggregator",
     "untrained_network",
 ]
+
+
+PipelineInput = ImageInput | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+"""What pipelines take: an :data:`~hyperfeatures.sources.base.ImageInput` (PIL images, a
+tensor in ``[0, 1]``), or image file paths (one or a list), decoded as the CLI does (RGB, the
+EXIF orientation applied)."""
+
+
+def _is_path(item: object) -> bool:
+    return isinstance(item, str | os.PathLike)
+
+
+def as_image_list(images: PipelineInput) -> ImageInput:
+    """One path becomes a list of one; a list mixing paths and PIL images gets every path
+    decoded (:func:`~hyperfeatures.datasets.images.load_image`, EXIF orientation applied);
+    PIL images and tensors pass through.
+
+    Raises:
+        ImageLoadError: a file is missing, corrupt or too large (the message names it).
+    """
+    from .datasets.images import load_image
+
+    if _is_path(images):
+        images = [images]  # type: ignore[list-item]
+    if isinstance(images, Image.Image | torch.Tensor):
+        return images
+    items = list(images)  # type: ignore[arg-type]
+    if not any(_is_path(i) for i in items):
+        return items
+    return [load_image(i, exif_transpose=True) if _is_path(i) else i for i in items]
+
+
+def _dtype_argument(dtype: str | torch.dtype | None, torch_dtype: str | torch.dtype | None) -> Any:
+    """``dtype=`` and its diffusers-style spelling ``torch_dtype=`` (one of them)."""
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None and dtype != torch_dtype:
+        raise ValueError(
+            f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them"
+        )
+    return torch_dtype
 
 
 class FeatureExtractor:
@@ -76,8 +119,11 @@ class FeatureExtractor:
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
         model_path: str | os.PathLike[str] | None = None,
+        torch_dtype: str | torch.dtype | None = None,
     ) -> FeatureExtractor:
-        """Load the source ``settings.model`` and wrap it."""
+        """Load the source ``settings.model`` and wrap it (``torch_dtype`` is an alias of
+        ``dtype``, as in diffusers)."""
+        dtype = _dtype_argument(dtype, torch_dtype)
         source = load_source(
             settings.model, device=device, dtype=dtype, model_path=model_path, seed=0
         )
@@ -109,10 +155,21 @@ class FeatureExtractor:
         return {"settings": self.settings.to_dict(), "source": self.source.describe()}
 
     # ------------------------------------------------------------------ running
-    def run(self, images: ImageInput, sink: EventSink, *, first_index: int = 0) -> Any:
+    def run(self, images: PipelineInput, sink: EventSink, *, first_index: int = 0) -> Any:
         """Send every selected ``(step, tap, map)`` of ``images`` to ``sink`` (see
-        :meth:`~hyperfeatures.sources.base.FeatureSource.run`)."""
+        :meth:`~hyperfeatures.sources.base.FeatureSource.run`; paths are decoded as
+        :func:`as_image_list` says)."""
+        images = as_image_list(images)
         return self.source.run(images, sink, self.settings, first_index=first_index)
+
+    def to(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> FeatureExtractor:
+        """Move / cast the source (in place); returns self."""
+        self.source.to(device, dtype)
+        return self
 
     def run_prompts(
         self,
@@ -136,7 +193,7 @@ class FeatureExtractor:
         return run_prompts(prompts, sink, self.settings, first_index=first_index, noise=noise)
 
     def extract(
-        self, images: ImageInput, *, output_size: int | None = None
+        self, images: PipelineInput, *, output_size: int | None = None
     ) -> dict[int, dict[str, torch.Tensor]]:
         """Keep-everything extraction: ``maps[step][tap] -> (B, C, h, w)``.
 
@@ -203,21 +260,33 @@ class DescriptorPipeline:
         channels = len(steps) * sum(i.channels for i in infos)
         return cls(extractor, lambda: Stack(taps, steps, output_size), channels=channels)
 
+    def to(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> DescriptorPipeline:
+        """Move the source to ``device`` and / or cast it to ``dtype`` (in place; a network
+        head moves with it and stays fp32); returns self, as ``pipe.to("cuda")`` in
+        diffusers."""
+        self.extractor.to(device, dtype)
+        return self
+
     @torch.no_grad()
-    def __call__(self, images: ImageInput, *, batch_size: int = 8) -> torch.Tensor:
+    def __call__(self, images: PipelineInput, *, batch_size: int = 8) -> torch.Tensor:
         """Descriptor maps of real images.
 
         Args:
-            images: PIL image(s) or a ``(B, 3, H, W)`` tensor in ``[0, 1]``.
+            images: image file path(s), PIL image(s) or a ``(B, 3, H, W)`` tensor in
+                ``[0, 1]``.
             batch_size: images per source run.
 
         Returns:
             ``(B, C, H, W)`` float32 descriptors.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if isinstance(images, Image.Image):
-            images = [images]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if isinstance(images, Image.Image) or _is_path(images):
+            images = [images]  # type: ignore[list-item]
         outs = []
         for start in range(0, count_images(images), batch_size):
             sink = self.head()
@@ -323,6 +392,23 @@ class HyperfeaturePipeline(DescriptorPipeline):
         extractor = FeatureExtractor(source, settings.replace(taps=taps, steps=steps))
         super().__init__(extractor, self._sink, channels=self._channels())
 
+    def to(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> HyperfeaturePipeline:
+        """Move the source and the aggregation network to ``device``; cast the source to
+        ``dtype`` (the network stays fp32: it receives maps cast to its dtype). Returns
+        self."""
+        self.extractor.to(device, dtype)
+        target = self.source.device
+        for net in {
+            id(self.full_network): self.full_network,
+            id(self.network): self.network,
+        }.values():
+            net.to(target)
+        return self
+
     def _channels(self) -> int:
         if self.top1 == "raw":
             assert self.top1_pair is not None
@@ -352,6 +438,7 @@ class HyperfeaturePipeline(DescriptorPipeline):
         model_path: str | os.PathLike[str] | None = None,
         first_k: int | None = None,
         top1: Literal["raw", "bottleneck"] | None = None,
+        torch_dtype: str | torch.dtype | None = None,
     ) -> HyperfeaturePipeline:
         """Load an aggregation network and the feature source its settings name.
 
@@ -366,7 +453,9 @@ class HyperfeaturePipeline(DescriptorPipeline):
             device, dtype, model_path: how to load the source (see
                 :func:`~hyperfeatures.sources.load_source`).
             first_k, top1: the pruned variants (see the class).
+            torch_dtype: alias of ``dtype`` (the diffusers spelling).
         """
+        dtype = _dtype_argument(dtype, torch_dtype)
         network = load_aggregator(aggregator, device=device)
         if settings is None:
             settings = network.settings if network is not None else Settings()
@@ -375,7 +464,8 @@ class HyperfeaturePipeline(DescriptorPipeline):
         if network is None:
             warnings.warn(
                 "no aggregator given: using an UNTRAINED aggregation network (random bottlenecks,"
-                " uniform mixing weights); pass aggregator=PATH for meaningful descriptors",
+                " uniform mixing weights); pass a trained one (from_pretrained(aggregator=...), "
+                "--aggregator on the command line) for meaningful descriptors",
                 stacklevel=2,
             )
             network = untrained_network(source, settings)

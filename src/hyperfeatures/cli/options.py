@@ -147,7 +147,7 @@ def parse_size(value: str | None, flag: str) -> int | str | None:
     """``"224"`` -> 224, ``"none"`` -> None; ``None`` (flag not given) -> the string ``"unset"``."""
     if value is None:
         return "unset"
-    if value.strip().lower() in {"none", "null", "0"}:
+    if value.strip().lower() in {"none", "null"}:
         return None
     try:
         return int(value)

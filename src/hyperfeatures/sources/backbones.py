@@ -22,7 +22,9 @@ Weights are found as :mod:`hyperfeatures.sources.hub` says; when they are absent
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,7 +36,7 @@ from torch import nn
 
 from ..config import Settings, SettingsError
 from ..taps import PRESETS, TapInfo, list_taps, resolve_taps
-from .base import EventSink, FeatureSource, ImageInput, resolve_device
+from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
 
 Family = Literal["sd", "sdxl"]
 
@@ -134,6 +136,36 @@ class Backbone(FeatureSource):
         self.vae_dtype = vae_dtype
         self.scheduler_config = dict(scheduler_config or {})
         self._device = torch.device(device)
+        self._vae_batch_size = 1
+        self._vae_tile_above: int | None = 1024
+
+    @property
+    def vae_batch_size(self) -> int:
+        """Images per VAE call when encoding (latents per call when decoding). The default 1
+        keeps the VAE's peak memory at that of one image whatever the batch; results do not
+        depend on it."""
+        return self._vae_batch_size
+
+    @vae_batch_size.setter
+    def vae_batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"vae_batch_size must be an integer >= 1, got {value!r}")
+        self._vae_batch_size = value
+
+    @property
+    def vae_tile_above(self) -> int | None:
+        """Image side (px) above which the VAE runs tiled (diffusers' overlapping tiles), which
+        bounds its memory for huge inputs; tiles are blended, so such results differ slightly
+        from an untiled run. ``None`` = never tile. Default 1024."""
+        return self._vae_tile_above
+
+    @vae_tile_above.setter
+    def vae_tile_above(self, value: int | None) -> None:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 64
+        ):
+            raise ValueError(f"vae_tile_above must be None or an integer >= 64, got {value!r}")
+        self._vae_tile_above = value
 
     def __repr__(self) -> str:
         return (
@@ -244,19 +276,51 @@ class Backbone(FeatureSource):
         Returns:
             ``(B, 4, H / 8, W / 8)`` latents times ``scaling_factor``, in ``self.dtype``.
         """
-        dist = self.vae.encode(images.to(self.device, self.vae_dtype)).latent_dist
+        means, stds = [], []
+        with self._vae_tiling(max(images.shape[-2:])):
+            for chunk in images.split(self.vae_batch_size):
+                dist = self.vae.encode(chunk.to(self.device, self.vae_dtype)).latent_dist
+                means.append(dist.mean)
+                stds.append(dist.std)
+        mean = torch.cat(means)
         if generator is None:
-            z = dist.mean
-        else:
-            noise = torch.randn(dist.mean.shape, generator=generator, device=generator.device)
-            z = dist.mean + dist.std * noise.to(dist.mean.device, dist.mean.dtype)
+            z = mean
+        else:  # one draw for the whole batch: the same numbers whatever vae_batch_size is
+            noise = torch.randn(mean.shape, generator=generator, device=generator.device)
+            z = mean + torch.cat(stds) * noise.to(mean.device, mean.dtype)
         return (z * self.scaling_factor).to(self.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, 8h, 8w)`` in ``[0, 1]`` (float32)."""
-        x = self.vae.decode(latents.to(self.vae_dtype) / self.scaling_factor).sample
-        return ((x.float() + 1) / 2).clamp(0, 1)
+        """Scaled latents ``(B, 4, h, w)`` -> images ``(B, 3, 8h, 8w)`` in ``[0, 1]`` (float32),
+        decoded ``vae_batch_size`` at a time."""
+        images = []
+        with self._vae_tiling(self.latent_factor * max(latents.shape[-2:])):
+            for chunk in latents.split(self.vae_batch_size):
+                x = self.vae.decode(chunk.to(self.vae_dtype) / self.scaling_factor).sample
+                images.append(((x.float() + 1) / 2).clamp(0, 1))
+        return torch.cat(images)
+
+    @contextmanager
+    def _vae_tiling(self, side: int) -> Iterator[None]:
+        """Run the VAE tiled (diffusers' tiling, overlapping tiles blended) when the image side
+        exceeds :attr:`vae_tile_above`; exact (untiled) otherwise."""
+        vae = self.vae
+        if (
+            self.vae_tile_above is None
+            or side <= self.vae_tile_above
+            or not hasattr(vae, "use_tiling")
+        ):
+            yield
+            return
+        saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size)
+        tile = max(512, self.vae_tile_above // 2)
+        vae.use_tiling = True
+        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // self.latent_factor
+        try:
+            yield
+        finally:
+            vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = saved
 
     # ------------------------------------------------------------------ runs
     def preprocess(self, images: ImageInput, settings: Settings) -> torch.Tensor:
@@ -373,13 +437,33 @@ class Backbone(FeatureSource):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "family": self.family}
 
-    def to(self, device: str | torch.device) -> Backbone:
-        """Move every module to ``device`` (in place) and return self."""
-        self._device = resolve_device(device)
-        self.unet.to(self._device)
-        self.vae.to(self._device)
-        for enc in self.text_encoders:
-            enc.to(self._device)
+    def to(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Backbone:
+        """Move every module to ``device`` and / or cast it to ``dtype`` (in place); returns
+        self. The SDXL VAE stays in fp32 (it overflows in half precision)."""
+        if device is not None:
+            self._device = resolve_device(device)
+        if dtype is not None:
+            self._dtype = resolve_dtype(dtype)
+            if self.family != "sdxl":
+                self.vae_dtype = self._dtype
+        # diffusers logs a warning on every cast of a model that keeps no module in fp32
+        # (an empty list here); nothing is kept in another dtype, so it is noise.
+        quiet = logging.getLogger("diffusers.models.modeling_utils")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            for module, module_dtype in (
+                (self.unet, self._dtype),
+                (self.vae, self.vae_dtype),
+                *((enc, self._dtype) for enc in self.text_encoders),
+            ):
+                module.to(self._device, module_dtype if dtype is not None else None)
+        finally:
+            quiet.setLevel(level)
         return self
 
 

@@ -148,6 +148,15 @@ class FeatureSource(ABC):
         """Whether a run is a single forward (step 0 only, ``num_steps`` must be 1)."""
         return True
 
+    def to(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> FeatureSource:
+        """Move the model to ``device`` and / or cast it to ``dtype`` (in place); returns
+        self. Sources that hold modules override it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be moved (no to() method)")
+
     def presets(self) -> dict[str, str]:
         """Tap preset names accepted by :meth:`resolve_taps`, with a one-line description."""
         return {}

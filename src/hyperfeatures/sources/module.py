@@ -43,7 +43,7 @@ from torch import nn
 
 from ..config import Settings
 from ..taps import TapError, TapInfo
-from .base import EventSink, FeatureSource, ImageInput
+from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
 
 __all__ = ["ModuleSource"]
 
@@ -135,6 +135,19 @@ class ModuleSource(FeatureSource):
                 raise ValueError(f"preset {key!r} must be a non-empty list of tap names")
             self._presets[str(key)] = list(taps)
         self._probes: dict[int, _Probe] = {}
+
+    def to(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> ModuleSource:
+        """Move the module to ``device`` and / or cast it to ``dtype`` (in place); returns
+        self."""
+        self.module.to(
+            resolve_device(device) if device is not None else None,
+            resolve_dtype(dtype) if dtype is not None else None,
+        )
+        return self
 
     # ------------------------------------------------------------------ facts
     @property

@@ -355,6 +355,18 @@ class ViTSource(FeatureSource):
             "Dinov2Model and Dinov2WithRegistersModel"
         )
 
+    def to(
+        self,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> ViTSource:
+        """Move the model to ``device`` and / or cast it to ``dtype`` (in place); returns self."""
+        self.model.to(
+            resolve_device(device) if device is not None else None,
+            resolve_dtype(dtype) if dtype is not None else None,
+        )
+        return self
+
     # ------------------------------------------------------------------ facts
     @property
     def device(self) -> torch.device:
