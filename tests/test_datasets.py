@@ -435,10 +435,13 @@ def test_pair_list_round_trip_freezes_a_sample(spair_root: Path, tmp_path: Path)
             b.target_size,
         )
         assert a.meta == b.meta
-    # Overwriting replaces the file; images outside image_root are stored absolute.
+    # Overwriting replaces the file; images outside image_root are stored absolute, and
+    # reading them back from outside the JSON's folder is an explicit opt-in.
     save_pair_list(sample[:2], out, image_root=tmp_path)
     assert Path(json.loads(out.read_text())[0]["source_path"]).is_absolute()
-    assert len(load_pair_list(out)) == 2
+    with pytest.raises(AnnotationError, match="allow_outside_root=True"):
+        load_pair_list(out)
+    assert len(load_pair_list(out, allow_outside_root=True)) == 2
 
 
 def test_save_pair_list_rejects_unserialisable_meta(tmp_path: Path) -> None:
@@ -480,7 +483,7 @@ def test_pair_list_missing_files_and_hints(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="pair list not found"):
         load_pair_list(tmp_path / "none.json")
     path = write_pair_list_fixture(tmp_path, num_pairs=1)
-    with pytest.raises(ImageNotFoundError, match="Pass image_root="):
+    with pytest.raises(ImageNotFoundError, match=r"pass image_root=<folder> \(CLI: --data-root"):
         load_pair_list(path)  # paths are relative to images/, not annotations/
     path.write_text(json.dumps({"a": [], "b": []}))
     with pytest.raises(AnnotationError, match="'pairs' list"):

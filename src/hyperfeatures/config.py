@@ -150,7 +150,7 @@ _FIX = {
     "load_size": f"an integer number of pixels in 8..{MAX_SIZE}, or null to resize directly",
     "match_size": f"an integer number of pixels in 8..{MAX_SIZE}, or null for load_size",
     "posterior": "'mean' or 'sample'",
-    "seed": "a non-negative integer",
+    "seed": "a non-negative integer below 2**63",
     "prompt": "a string",
     "guidance_scale": "a finite number (7.5 is the usual value, 1 = no guidance)",
     "negative_prompt": "a string",
@@ -180,7 +180,7 @@ class Settings(BaseModel):
     load_size: int | None = Field(224, ge=8, le=MAX_SIZE, description=_FIX["load_size"])
     match_size: int | None = Field(None, ge=8, le=MAX_SIZE, description=_FIX["match_size"])
     posterior: Literal["mean", "sample"] = Field("mean", description=_FIX["posterior"])
-    seed: int = Field(0, ge=0, description=_FIX["seed"])
+    seed: int = Field(0, ge=0, le=2**63 - 1, description=_FIX["seed"])
     prompt: str = Field("", description=_FIX["prompt"])
     guidance_scale: float = Field(7.5, description=_FIX["guidance_scale"])
     negative_prompt: str = Field("", description=_FIX["negative_prompt"])
@@ -420,7 +420,7 @@ class TrainSettings(BaseModel):
     validate_every: int = Field(500, ge=1)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1)
     projection_dim: int = Field(384, ge=4)
     init: str | None = None
     cache: str | None = None

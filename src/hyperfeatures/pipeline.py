@@ -495,11 +495,20 @@ def load_aggregator(
     *,
     device: str | torch.device = "cpu",
 ) -> AggregationNetwork | None:
-    """An aggregation network from a ``save_pretrained`` folder, a Hub id, an official ``.pt``
-    file, a network object (returned as is) or ``None`` (returned as is)."""
+    """An aggregation network from a ``save_pretrained`` folder (or its ``model.safetensors``
+    / ``config.json``), a Hub id, an official ``.pt`` file, a network object (returned as
+    is) or ``None`` (returned as is).
+
+    Raises:
+        CheckpointError: a corrupt or incompatible file (the message names it and the fix).
+        FileNotFoundError: nothing at that path and no such Hub id in the cache.
+    """
     if aggregator is None or isinstance(aggregator, AggregationNetwork):
         return aggregator
     path = Path(os.fspath(aggregator)).expanduser()
+    if path.is_file() and (path.suffix == ".safetensors" or path.name == "config.json"):
+        path = path.parent  # a file of a save_pretrained folder: load the folder
+        return AggregationNetwork.from_pretrained(os.fspath(path), map_location=str(device))
     if path.is_file():
         return load_official_checkpoint(path, map_location=device)
     return AggregationNetwork.from_pretrained(os.fspath(aggregator), map_location=str(device))

@@ -226,6 +226,8 @@ class DiskWriter(Sink):
     One file per image holds ``step_{k}/{tap}`` tensors ``(C, h, w)`` and string metadata
     (``metadata`` given here, merged with the per-image metadata of :meth:`begin_batch`).
     A file appears only once complete, so an interrupted run never leaves a partial file.
+    :attr:`batch_written` lists the files of the current batch written so far: after an
+    interruption inside :meth:`end_batch` (Ctrl-C), the ones that are complete.
 
     Args:
         out_dir: output folder (created).
@@ -250,6 +252,7 @@ class DiskWriter(Sink):
         self._keys: list[str] = []
         self._meta: list[dict[str, Any]] = []
         self._buffer: dict[str, torch.Tensor] = {}
+        self.batch_written: list[Path] = []
 
     def path_for(self, key: str) -> Path:
         return self.out_dir / f"{key}.safetensors"
@@ -260,6 +263,7 @@ class DiskWriter(Sink):
         self._keys = list(keys)
         self._meta = [dict(m) for m in metadata] if metadata else [{} for _ in self._keys]
         self._buffer = {}
+        self.batch_written = []
 
     def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
         if not self._keys:
@@ -275,14 +279,14 @@ class DiskWriter(Sink):
         self._buffer[feature_key(step, tap)] = tensor.detach().to("cpu")
 
     def end_batch(self) -> list[Path]:
-        """Write the batch's files; returns their paths."""
-        written = []
+        """Write the batch's files (in key order, each atomically); returns their paths."""
+        written = self.batch_written = []
         for i, key in enumerate(self._keys):
             tensors = {name: t[i] for name, t in self._buffer.items()}
             meta = {**self.metadata, **self._meta[i]}
             written.append(write_feature_file(self.path_for(key), tensors, meta))
         self._keys, self._meta, self._buffer = [], [], {}
-        return written
+        return list(written)
 
 
 class Stack(Sink):

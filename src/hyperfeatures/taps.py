@@ -259,13 +259,19 @@ PRESETS: dict[str, tuple[Callable[[Mapping[str, tuple[str, int]]], list[str]], s
 }
 
 
-def resolve_taps(unet: nn.Module, taps: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+def resolve_taps(
+    unet: nn.Module,
+    taps: str | Sequence[str] | Mapping[str, str],
+    *,
+    model: str | None = None,
+) -> dict[str, str]:
     """Validate tap names and return ``{tap name: alias}`` in the order given.
 
     Args:
         taps: a preset name (``"dhf"``, ``"layer-4"``, ``"concat-all"``, ``"attention"``,
             ``"extended"``), a list of names (presets may appear in the list and expand in
             place), or a ``{name: alias}`` dict.
+        model: the model's name (``"sd15"``, a hub id...), used in error messages only.
 
     Raises:
         TapError: unknown name, with the close matches and how to list the valid ones.
@@ -280,14 +286,15 @@ def resolve_taps(unet: nn.Module, taps: str | Sequence[str] | Mapping[str, str])
             expanded = PRESETS[name][0](catalogue)
             if not expanded:
                 raise TapError(
-                    f"preset {name!r} selects no tap in {type(unet).__name__} (no decoder "
-                    "layers of that kind); run `hyperfeatures layers --model ...` to choose taps"
+                    f"preset {name!r} selects no tap of {_model_words(unet, model)} (no "
+                    "decoder layers of that kind); run `hyperfeatures layers --model "
+                    f"{model or '<name>'}` to choose taps"
                 )
             pairs.extend((n, n) for n in expanded)
         elif name in catalogue:
             pairs.append((name, alias))
         else:
-            raise TapError(_unknown_message(unet, name, catalogue))
+            raise TapError(_unknown_message(unet, name, catalogue, model))
     resolved: dict[str, str] = {}
     for name, alias in pairs:
         if name in resolved:
@@ -298,18 +305,31 @@ def resolve_taps(unet: nn.Module, taps: str | Sequence[str] | Mapping[str, str])
     return resolved
 
 
-def _unknown_message(unet: nn.Module, name: str, catalogue: Mapping[str, Any]) -> str:
-    close = difflib.get_close_matches(name, list(catalogue), n=3, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+def _model_words(unet: nn.Module, model: str | None) -> str:
+    """``"tiny-sd (UNet2DConditionModel)"``, or ``"this UNet2DConditionModel"`` unnamed."""
+    cls = type(unet).__name__
+    return f"{model} ({cls})" if model else f"this {cls}"
+
+
+def _unknown_message(
+    unet: nn.Module, name: str, catalogue: Mapping[str, Any], model: str | None = None
+) -> str:
+    """One line: ``name`` is neither a preset nor a tap, the close matches, how to list taps."""
     module = name.split(":", 1)[0]
     extra = ""
     if ":" in name and module in dict(unet.named_modules()):
         parts = sorted(n.split(":", 1)[1] for n in catalogue if n.startswith(module + ":"))
         extra = f" Parts of {module!r}: {parts or 'none'}."
+    close = difflib.get_close_matches(name, [*PRESETS, *catalogue], n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    lister = (
+        f"`hyperfeatures layers --model {model}`"
+        if model
+        else "`hyperfeatures layers --model <name>` or `hyperfeatures.taps.list_taps(unet)`"
+    )
     return (
-        f"tap {name!r} is not in {type(unet).__name__}.{hint}{extra} Presets: "
-        f"{', '.join(PRESETS)}. Run `hyperfeatures layers --model <name>` or "
-        "`hyperfeatures.taps.list_taps(unet)` to list the valid taps."
+        f"{name!r} is neither a tap preset ({', '.join(PRESETS)}) nor a tap of "
+        f"{_model_words(unet, model)}.{hint}{extra} Run {lister} to list the valid taps."
     )
 
 

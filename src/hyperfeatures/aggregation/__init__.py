@@ -8,12 +8,28 @@
   ``from_pretrained`` of folders and Hub ids, earlier config layouts);
 - :mod:`~hyperfeatures.aggregation.official`: import and export of the original
   implementation's ``.pt`` checkpoints (timestep-label translation).
+
+Every problem of a saved network or checkpoint file is one :class:`CheckpointError` (a
+``ValueError``) line naming the file; sizes are bounded by the ``MAX_*`` constants, checked
+before anything is allocated.
 """
 
 from __future__ import annotations
 
+from .hub import load_torch_file
 from .kernels import BottleneckBlock, NormConv2d
-from .network import PAPER_TAPS, AggregationNetwork, CheckpointError, check_compatible
+from .network import (
+    MAX_CHANNELS,
+    MAX_OUTPUT_SIZE,
+    MAX_PARAMETERS,
+    MAX_PROJECTION_DIM,
+    MAX_TAPS,
+    PAPER_TAPS,
+    AggregationNetwork,
+    CheckpointError,
+    check_compatible,
+    parameter_count,
+)
 from .official import (
     load_official_checkpoint,
     official_labels_to_steps,
@@ -22,6 +38,11 @@ from .official import (
 )
 
 __all__ = [
+    "MAX_CHANNELS",
+    "MAX_OUTPUT_SIZE",
+    "MAX_PARAMETERS",
+    "MAX_PROJECTION_DIM",
+    "MAX_TAPS",
     "PAPER_TAPS",
     "AggregationNetwork",
     "BottleneckBlock",
@@ -29,7 +50,9 @@ __all__ = [
     "NormConv2d",
     "check_compatible",
     "load_official_checkpoint",
+    "load_torch_file",
     "official_labels_to_steps",
+    "parameter_count",
     "steps_to_official_labels",
     "write_official_checkpoint",
 ]

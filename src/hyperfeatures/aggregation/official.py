@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -37,8 +36,12 @@ from torch import Tensor
 from .._io import atomic_write
 from ..config import Settings
 from ..sources.registry import source_for_model_id, source_spec
+from .hub import _kind, load_torch_file
 from .network import (
     _MODES,
+    MAX_OUTPUT_SIZE,
+    MAX_PROJECTION_DIM,
+    MAX_TAPS,
     PAPER_TAPS,
     AggregationNetwork,
     CheckpointError,
@@ -122,27 +125,16 @@ def _json_safe(value: Any) -> Any:
 
 
 def _torch_load_safely(path: Path, map_location: str | torch.device) -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL\s+([\w.]+)", str(err))
-        if found is None:
-            raise CheckpointError(
-                f"{path}: not a readable torch checkpoint ({str(err).strip()[:200]}); "
-                "check that the download completed"
-            ) from err
-        raise CheckpointError(
-            f"{path}: refused to load: the file contains a pickled Python object "
-            f"({found.group(1)}) besides tensors and plain containers. Only "
-            "torch.load(weights_only=True) is used, because unpickling arbitrary objects can "
-            "run arbitrary code. If you trust the file, re-save it with plain types: "
-            "torch.save({'config': dict(...), 'aggregation_network': state_dict}, path)"
-        ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(
-            f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err}); "
-            "check that the download completed"
-        ) from err
+    """The file's content, read with ``torch.load(weights_only=True)`` only."""
+    return load_torch_file(
+        path,
+        map_location=map_location,
+        what="torch checkpoint",
+        fix="the file is damaged or incomplete (an interrupted download?): re-download it or "
+        "write it again with write_official_checkpoint",
+        convert="re-save it with plain types: torch.save({'config': dict(...), "
+        "'aggregation_network': state_dict}, path)",
+    )
 
 
 def _read_checkpoint_layout(
@@ -155,12 +147,22 @@ def _read_checkpoint_layout(
             "aggregation_network.pt, aggregation_network_one-step.pt, "
             "aggregation_network_sdv2-1.pt)"
         )
+    if path.suffix == ".safetensors" or path.name == "config.json":
+        raise CheckpointError(
+            f"{path}: a file of a folder written by save_pretrained, not an official .pt "
+            f"checkpoint; give the folder ({path.parent}) instead"
+        )
     ckpt = _torch_load_safely(path, map_location)
     if not isinstance(ckpt, Mapping) or "aggregation_network" not in ckpt:
-        found = sorted(map(str, ckpt.keys())) if isinstance(ckpt, Mapping) else type(ckpt).__name__
+        found = (
+            f"keys {_listing(sorted(map(str, ckpt.keys())))}"
+            if isinstance(ckpt, Mapping)
+            else f"a {type(ckpt).__name__}"
+        )
         raise CheckpointError(
             f"{path}: expected a dict with 'config' and 'aggregation_network' (the official "
-            f"checkpoint layout), found {found}"
+            f"checkpoint layout), found {found}; for a folder written by save_pretrained give "
+            "the folder, not a file in it"
         )
     ignored = sorted(str(k) for k in ckpt if k not in ("config", "aggregation_network"))
     if ignored:
@@ -203,6 +205,12 @@ def _channels_from_state(state: Mapping[str, Tensor], path: Path) -> list[int]:
             f"{_listing(sorted(map(str, state)))}"
         )
     num_layers = layer_ids[-1] + 1
+    if num_layers > MAX_TAPS:
+        raise CheckpointError(
+            f"{path}: 'aggregation_network' has a key of bottleneck layer {layer_ids[-1]}, more "
+            f"than MAX_TAPS={MAX_TAPS} layers; the state dict is damaged or no aggregation "
+            "network"
+        )
     channels: list[int] = []
     no_channels = []
     for layer in range(num_layers):
@@ -226,10 +234,40 @@ def _projection_dim(config: Mapping[str, Any], state: Mapping[str, Tensor], path
     conv3 = state.get("bottleneck_layers.0.0.conv3.weight")
     projection_dim = config.get("projection_dim")
     if projection_dim is None:
-        projection_dim = int(conv3.shape[0]) if conv3 is not None else 384
+        projection_dim = int(conv3.shape[0]) if conv3 is not None and conv3.ndim else 384
     if not _is_int(projection_dim):
-        raise CheckpointError(f"{path}: config field 'projection_dim' must be an int")
+        raise CheckpointError(
+            f"{path}: config field 'projection_dim' must be an integer, got {_kind(projection_dim)}"
+        )
+    if projection_dim > MAX_PROJECTION_DIM:
+        raise CheckpointError(
+            f"{path}: config field 'projection_dim' = {projection_dim} exceeds "
+            f"MAX_PROJECTION_DIM={MAX_PROJECTION_DIM} (the paper uses 384); the config is "
+            "damaged or belongs to no aggregation network"
+        )
     return projection_dim
+
+
+def _config_int(
+    config: Mapping[str, Any],
+    field: str,
+    default: int,
+    path: Path,
+    bound: tuple[str, int] | None = None,
+) -> int:
+    """Integer config field ``field`` (``default`` when absent); not a bool, str or float;
+    at most ``bound = (name, value)`` when given."""
+    value = config.get(field, default)
+    if not _is_int(value):
+        raise CheckpointError(
+            f"{path}: config field {field!r} must be an integer, got {_kind(value)}"
+        )
+    if bound is not None and value > bound[1]:
+        raise CheckpointError(
+            f"{path}: config field {field!r} = {value} exceeds {bound[0]}={bound[1]}; the "
+            "config is damaged or belongs to no aggregation network"
+        )
+    return int(value)
 
 
 def _taps_from_config(config: Mapping[str, Any], num_layers: int, path: Path) -> list[str]:
@@ -263,6 +301,13 @@ def _checked_mixing_weights(
     """The file's mixing weights (or ``None``), after checking ``dims`` and their size."""
     num_layers = len(channels)
     dims = config.get("dims")
+    if dims is not None and (
+        not isinstance(dims, list | tuple) or not all(_is_int(d) for d in dims)
+    ):
+        raise CheckpointError(
+            f"{path}: config field 'dims' must be a list of integers (the input channels of "
+            f"each layer), got {_kind(dims)}"
+        )
     if dims is not None and [int(d) for d in dims] != channels:
         raise CheckpointError(
             f"{path}: config field 'dims' = {list(dims)} disagrees with the state dict's "
@@ -291,9 +336,20 @@ def _network_from_config(
 ) -> AggregationNetwork:
     """A fresh (untrained) network with the checkpoint's settings."""
     mode = config.get("diffusion_mode", "inversion")
-    if mode not in _MODES:
-        raise CheckpointError(f"{path}: config field 'diffusion_mode' = {mode!r} not in {_MODES}")
+    if not isinstance(mode, str) or mode not in _MODES:
+        raise CheckpointError(
+            f"{path}: config field 'diffusion_mode' must be one of {_MODES}, got {_kind(mode)}"
+        )
     model_id = config.get("model_id")
+    if model_id is not None and not isinstance(model_id, str):
+        raise CheckpointError(
+            f"{path}: config field 'model_id' must be a string (e.g. 'runwayml/stable-diffusion-"
+            f"v1-5'), got {_kind(model_id)}"
+        )
+    num_norm_groups = _config_int(config, "num_norm_groups", 32, path)
+    output_size = _config_int(
+        config, "output_resolution", 64, path, bound=("MAX_OUTPUT_SIZE", MAX_OUTPUT_SIZE)
+    )
     official = _json_safe(dict(config))
     if len(set(steps)) != len(steps):
         raise CheckpointError(f"{path}: config field 'save_timestep' repeats a label: {labels}")
@@ -308,13 +364,13 @@ def _network_from_config(
             settings,
             channels,
             projection_dim=projection_dim,
-            num_norm_groups=int(config.get("num_norm_groups", 32)),
-            output_size=int(config.get("output_resolution", 64)),
+            num_norm_groups=num_norm_groups,
+            output_size=output_size,
             mode=mode,
             extra={"official_config": official},
         )
     except ValueError as err:
-        raise CheckpointError(f"{path}: config does not describe a valid network: {err}") from err
+        raise CheckpointError(f"{path}: config does not describe a valid network: {err}") from None
 
 
 def _load_official_weights(
@@ -331,8 +387,16 @@ def _load_official_weights(
         # Our steps are sorted; the file's mixing weights follow its label order: reorder
         # the (S, L) rows so each weight stays with its (step, layer) pair.
         order = [steps.index(s) for s in network.steps]
-        state["mixing_weights"] = mixing.view(len(steps), len(network.channels))[order].reshape(-1)
-    network.load_state_dict(state, strict=True)
+        rows = mixing.reshape(len(steps), len(network.channels))
+        state["mixing_weights"] = rows[order].reshape(-1)
+    try:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: the weights cannot be loaded into the network ({first[:200]}); re-download "
+            "the file or write it again with write_official_checkpoint"
+        ) from None
 
 
 def load_official_checkpoint(

@@ -73,6 +73,8 @@ def user_errors() -> Iterator[None]:
     names) raised inside the block into one ``error:`` line and exit code 2."""
     try:
         yield
+    except BrokenPipeError:
+        raise  # the reader left (`| head`): not a user error; main() ends quietly
     except (ValueError, OSError) as err:
         fail(str(err))
 

@@ -1,8 +1,14 @@
-"""``layers``, ``extract`` and ``demo``: the feature commands."""
+"""``layers``, ``extract`` and ``demo``: the feature commands.
+
+Boolean options are plain flags (``--strict``, ``--json``...); the help shows them without a
+type (see ``_plain_flags`` in :mod:`hyperfeatures.cli`).
+"""
 
 from __future__ import annotations
 
+import difflib
 import json
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,7 +46,13 @@ def layers(
     ] = None,
     taps: TapsOpt = None,
     kind: Annotated[
-        str | None, typer.Option("--kind", help="Only taps of this kind (resnet, attn-q, ...).")
+        str | None,
+        typer.Option(
+            "--kind",
+            help="Only taps of this kind: resnet, resnet-out, transformer, block, attn-q, "
+            "attn-k, attn-v, attn-out, cross-q, cross-out, ff, upsampler, downsampler (the "
+            "kinds of diffusion models; ViT sources have their own).",
+        ),
     ] = None,
     model_path: ModelPathOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
@@ -83,11 +95,19 @@ def _layers(
             fail(f"--size must be a multiple of 8 for a diffusion model, got {image_size}")
         infos = list_taps(unet, image_size // 8)
         presets = {k: v[1] for k, v in PRESETS.items()}
-        chosen = set(resolve_taps(unet, taps)) if taps else None
+        chosen = set(resolve_taps(unet, taps, model=name)) if taps else None
+    if kind is not None:
+        kinds = list(dict.fromkeys(i.kind for i in infos))
+        if kind not in kinds:
+            close = difflib.get_close_matches(kind, kinds, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            fail(
+                f"--kind {kind!r} is not a tap kind of {name}{hint}; valid kinds: "
+                f"{', '.join(kinds)}"
+            )
+        infos = [i for i in infos if i.kind == kind]
     if chosen is not None:
         infos = [i for i in infos if i.name in chosen]
-    if kind is not None:
-        infos = [i for i in infos if i.kind == kind]
     if as_json:
         rows = [
             {"name": i.name, "kind": i.kind, "channels": i.channels, "size": list(i.size or ())}
@@ -116,8 +136,13 @@ def _layers(
     )
 
 
+_EXIT_FAILED_INPUTS = 3
+_EXIT_SIGNAL = 128  # + the signal number: 130 for SIGINT, 143 for SIGTERM
+
+
 @app.command()
 def extract(
+    ctx: typer.Context,
     inputs: Annotated[
         list[str] | None,
         typer.Argument(help="Images: files, folders, glob patterns or .txt list files."),
@@ -142,7 +167,9 @@ def extract(
     output_size: Annotated[
         int | None, typer.Option("--output-size", help="Resize stored maps (default: native).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 4,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", help="Images (or prompts) per model call.")
+    ] = 4,
     storage: Annotated[
         str, typer.Option("--storage", help="Stored dtype of maps: fp32 or fp16.")
     ] = "fp32",
@@ -152,7 +179,11 @@ def extract(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
     strict: Annotated[
-        bool, typer.Option("--strict", help="Fail on the first unreadable image.")
+        bool,
+        typer.Option(
+            "--strict",
+            help="Check every image first; stop (exit 2, nothing written) if one is unreadable.",
+        ),
     ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Skip items whose feature file already exists.")
@@ -161,9 +192,19 @@ def extract(
         bool, typer.Option("--overwrite", help="Replace existing feature files.")
     ] = False,
 ) -> None:
-    """Extract raw features: one safetensors file per image (or prompt)."""
+    """Extract raw features: one safetensors file per image (or prompt).
+
+    The output folder also gets manifest.json, one entry per input of every run into it.
+
+    Exit codes: 0 every input written (or already there, with --resume); 2 a user error,
+    nothing extracted (bad flag or setting, missing input, unreadable manifest.json, with
+    --strict an unreadable image); 3 some inputs failed (unreadable images; the others were
+    written; the failed ones are listed and recorded in manifest.json); 130 interrupted by
+    Ctrl-C (SIGINT), 143 by SIGTERM: complete files are kept, the manifest lists them, and
+    the message gives the --resume command that finishes the run.
+    """
     from ..config import MAX_SIZE
-    from ..extract import ExtractJob
+    from ..extract import ExtractInterrupted, ExtractJob, interrupt_on_signals
 
     if (inputs is None) == (prompts is None):
         fail("give images (paths, folders, globs, list files) or --prompts FILE, not both")
@@ -173,26 +214,92 @@ def extract(
         fail("--resume and --overwrite exclude each other")
     if output_size is not None and not 1 <= output_size <= MAX_SIZE:
         fail(f"--output-size must be in 1..{MAX_SIZE} pixels, got {output_size}")
-    with user_errors():
-        settings = settings_from(locals())
-        job = ExtractJob(
-            out=out,
-            settings=settings,
-            model_path=str(model_path) if model_path else None,
-            output_size=output_size,
-            batch_size=batch_size,
-            storage=storage,
-            device=device,
-            dtype=dtype,
-            strict=strict,
-            resume=resume,
-            overwrite=overwrite,
-            console=console,
-        )
-        summary = job.run_prompts(prompts) if prompts else job.run_images(inputs or [])
+    if batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder; give a folder path (it is created if missing)")
+    with interrupt_on_signals():
+        try:
+            with user_errors():
+                settings = settings_from(locals())
+                job = ExtractJob(
+                    out=out,
+                    settings=settings,
+                    model_path=str(model_path) if model_path else None,
+                    output_size=output_size,
+                    batch_size=batch_size,
+                    storage=storage,
+                    device=device,
+                    dtype=dtype,
+                    strict=strict,
+                    resume=resume,
+                    overwrite=overwrite,
+                    console=console,
+                )
+                summary = job.run_prompts(prompts) if prompts else job.run_images(inputs or [])
+        except ExtractInterrupted as stop:
+            _print_interrupted(stop.summary, stop.signum, _resume_command(ctx))
+            raise typer.Exit(_EXIT_SIGNAL + stop.signum) from None
+        except KeyboardInterrupt as stop:  # before the job started
+            signum = int(getattr(stop, "signum", 2))
+            err_console.print(
+                f"interrupted by {_signal_name(signum)} before any file was written",
+                highlight=False,
+            )
+            raise typer.Exit(_EXIT_SIGNAL + signum) from None
     _print_summary(summary)
-    if summary["failed"] and strict:
-        raise typer.Exit(1)
+    if summary["failed"]:
+        raise typer.Exit(_EXIT_FAILED_INPUTS)
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _resume_command(ctx: typer.Context) -> str:
+    """The command line that finishes an interrupted run: the options the user gave, with
+    ``--resume`` instead of ``--overwrite``."""
+    words = ["hyperfeatures", ctx.info_name or "extract"]
+    for param in ctx.command.params:
+        name = param.name or ""
+        source = ctx.get_parameter_source(name)
+        if name in ("resume", "overwrite") or source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params.get(name)
+        if param.param_type_name == "argument":
+            words += [str(v) for v in value or []]
+            continue
+        flag = max((o for o in param.opts if o.startswith("--")), key=len, default=param.opts[0])
+        if getattr(param, "is_flag", False):
+            if value:
+                words.append(flag)
+        elif value is not None:
+            for item in value if isinstance(value, list | tuple) else [value]:
+                words += [flag, str(item)]
+    return shlex.join([*words, "--resume"])
+
+
+def _print_interrupted(summary: dict[str, Any], signum: int, command: str) -> None:
+    """One line: what was kept, where, and how to finish."""
+    done = summary["written"] + summary["skipped"]
+    where = escape(summary["out"])
+    if summary.get("manifest_error"):
+        record = f"manifest.json NOT updated ({escape(summary['manifest_error'])})"
+    elif summary.get("manifest"):
+        record = "manifest.json lists them"
+    else:
+        record = "nothing to record"
+    err_console.print(
+        f"interrupted by {_signal_name(signum)}: kept {done} of {summary['total']} feature "
+        f"files in {where} ({summary['written']} written by this run, no partial file); "
+        f"{record}; to finish, run: {escape(command)}",
+        highlight=False,
+    )
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -203,7 +310,13 @@ def _print_summary(summary: dict[str, Any]) -> None:
         highlight=False,
     )
     for item in summary.get("errors", []):
-        err_console.print(f"[yellow]skipped[/yellow] {escape(item)}", highlight=False)
+        err_console.print(f"[red]failed[/red] {escape(item)}", highlight=False)
+    if summary["failed"]:
+        err_console.print(
+            f"{summary['failed']} of {summary['total']} inputs failed (listed above, and in "
+            f"the manifest); exit code {_EXIT_FAILED_INPUTS}",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -211,10 +324,17 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("demo-out"),
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Run the whole flow on the bundled tiny model and sample images (a minute on a CPU)."""
+    """Run the whole flow on the bundled tiny model and sample images (a minute on a CPU).
+
+    Writes features/ (one safetensors file per sample image and manifest.json),
+    correspondences.png, pca_source.png, pca_target.png, mixing_weights.png and warp.png.
+    """
     from ..demo import run_demo
 
-    outputs = run_demo(out, device=device, console=console)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file, not a folder; give a folder path (it is created if missing)")
+    with user_errors():
+        outputs = run_demo(out, device=device, console=console)
     console.print(f"demo outputs in {escape(str(out))}:", highlight=False)
     for path in outputs:
         console.print(f"  {escape(str(path))}", highlight=False)

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .cub import CUB_NUM_PARTS, load_cub
+from .fields import MAX_IMAGE_SIDE
 from .images import (
     IMAGE_EXTENSIONS,
+    MAX_IMAGE_PIXELS,
     ImageLoadError,
     ImageNotFoundError,
     image_size,
@@ -22,6 +24,7 @@ from .images import (
     iter_image_paths,
     load_image,
 )
+from .matfile import read_mat_arrays
 from .pair_list import load_pair_list, save_pair_list
 from .pairs import (
     POINT_TOLERANCE_PX,
@@ -29,9 +32,10 @@ from .pairs import (
     DatasetNotFoundError,
     KeypointPair,
     PairDataset,
+    checked_dataset,
     sample_per_category,
 )
-from .pf_pascal import PF_PASCAL_CATEGORIES, load_pf_pascal, read_mat_arrays
+from .pf_pascal import PF_PASCAL_CATEGORIES, load_pf_pascal
 from .pf_willow import PF_WILLOW_CATEGORIES, load_pf_willow
 from .spair import SPAIR_CATEGORIES, SPAIR_SPLITS, load_spair
 
@@ -39,6 +43,8 @@ __all__ = [
     "CUB_NUM_PARTS",
     "DATASETS",
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "MAX_IMAGE_SIDE",
     "PF_PASCAL_CATEGORIES",
     "PF_WILLOW_CATEGORIES",
     "POINT_TOLERANCE_PX",
@@ -110,6 +116,7 @@ def load_dataset(
     pairs_file: str | os.PathLike[str] | None = None,
     per_category: int | None = None,
     seed: int = 0,
+    allow_outside_root: bool = False,
 ) -> PairDataset:
     """Load a dataset's evaluation pairs the way the paper's tables use them.
 
@@ -141,6 +148,15 @@ def load_dataset(
         per_category: pairs drawn per category (seeded); ``0`` keeps every pair. A draw made
             here (not by the SPair loader) appends ``-<n>pc-seed<seed>`` to the name.
         seed: sampling seed.
+        allow_outside_root: follow image paths of the annotations / pair file that lead
+            outside the dataset folder (the image root for pair lists): ``..`` components or
+            absolute paths elsewhere. Refused by default (CLI: ``--allow-outside-root``).
+
+    Returns:
+        A :class:`PairDataset` with at least one pair and at least one keypoint (see
+        :func:`~hyperfeatures.datasets.pairs.checked_dataset`); pairs with 0 keypoints are
+        kept. Sizes are ``(W, H)`` of the stored pixel grid; annotated sizes were checked
+        against the image headers.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), bad options.
@@ -153,36 +169,45 @@ def load_dataset(
     ):
         raise ValueError(f"per_category must be a non-negative integer, got {per_category!r}")
     if root is None and not (key == "pair-list" and pairs_file is not None):
-        raise ValueError(f"dataset {key!r} needs its folder: pass --data-root DIR (root=...)")
+        raise ValueError(
+            f"dataset {key!r} needs its folder: pass --data-root DIR on the command line, "
+            "root=DIR in Python"
+        )
     base = Path(root).expanduser() if root is not None else None
     pairs_path = Path(pairs_file).expanduser() if pairs_file is not None else None
     subsample = per_category or None  # 0 -> keep everything
 
+    outside = {"allow_outside_root": bool(allow_outside_root)}
+
     if key == "spair":
         if pairs_path is None:
             count = 20 if per_category is None else subsample
-            return load_spair(base, split=split, per_category=count, seed=seed)  # type: ignore[arg-type]
+            return load_spair(base, split=split, per_category=count, seed=seed, **outside)  # type: ignore[arg-type]
         assert base is not None
         image_root = next(
             (p for p in (base / "JPEGImages", base / "SPair-71k" / "JPEGImages") if p.is_dir()),
             base,
         )
-        data = load_pair_list(pairs_path, image_root=image_root, name=f"spair-{pairs_path.stem}")
+        data = load_pair_list(
+            pairs_path, image_root=image_root, name=f"spair-{pairs_path.stem}", **outside
+        )
     elif key == "cub":
-        data = load_cub(base, split=split, seed=seed, pair_file=pairs_path)  # type: ignore[arg-type]
+        data = load_cub(base, split=split, seed=seed, pair_file=pairs_path, **outside)  # type: ignore[arg-type]
     elif key == "pair-list":
         if pairs_path is None:
             assert base is not None
             pairs_path, base = base, None
-        data = load_pair_list(pairs_path, image_root=base)
+        data = load_pair_list(pairs_path, image_root=base, **outside)
     elif pairs_path is not None:
-        data = load_pair_list(pairs_path, image_root=base, name=f"{key}-{pairs_path.stem}")
+        data = load_pair_list(
+            pairs_path, image_root=base, name=f"{key}-{pairs_path.stem}", **outside
+        )
     elif key == "pf-pascal":
-        data = load_pf_pascal(base, split=split)  # type: ignore[arg-type]
+        data = load_pf_pascal(base, split=split, **outside)  # type: ignore[arg-type]
     else:
-        data = load_pf_willow(base)  # type: ignore[arg-type]
+        data = load_pf_willow(base, **outside)  # type: ignore[arg-type]
     if subsample:
         label = f"{data.name}-{subsample}pc-seed{seed}"
-        data = data.subsample(subsample, seed=seed)
-        data.name = label
+        source = pairs_path if pairs_path is not None else base
+        data = checked_dataset(data.subsample(subsample, seed=seed), name=label, source=source)  # type: ignore[arg-type]
     return data

@@ -30,16 +30,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .pair_list import load_pair_list
-from .pairs import (
+from .fields import (
     AnnotationError,
     DatasetNotFoundError,
     ImageChecker,
-    KeypointPair,
-    PairDataset,
     data_root_hint,
     find_dataset_root,
+    read_text,
 )
+from .pair_list import load_pair_list
+from .pairs import KeypointPair, PairDataset, checked_dataset
 
 __all__ = ["CUB_NUM_PARTS", "load_cub"]
 
@@ -61,16 +61,15 @@ def _read_table(path: Path, columns: int, names: str) -> list[tuple[int, list[st
     if not path.is_file():
         raise DatasetNotFoundError(f"{path} not found.\n{data_root_hint(_DATASET, _LAYOUT)}")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            fields = line.split(maxsplit=columns - 1)
-            if len(fields) != columns:
-                raise AnnotationError(
-                    f"{path} line {number}: expected {columns} fields ({names}), got {len(fields)}."
-                )
-            rows.append((number, [field.strip() for field in fields]))
+    for number, line in enumerate(read_text(path, "CUB index file").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=columns - 1)
+        if len(fields) != columns:
+            raise AnnotationError(
+                f"{path} line {number}: expected {columns} fields ({names}), got {len(fields)}."
+            )
+        rows.append((number, [field.strip() for field in fields]))
     return rows
 
 
@@ -228,29 +227,28 @@ def _read_pair_file(path: Path, records: dict[int, _Image], root: Path) -> list[
         record.path.relative_to(root / "images").as_posix(): k for k, record in records.items()
     }
     result = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            text = line.split("#", 1)[0].replace(",", " ").strip()
-            if not text:
-                continue
-            tokens = text.split()
-            if len(tokens) != 2:
-                raise AnnotationError(
-                    f"{path} line {number}: expected two images (ids or paths under images/)."
-                )
-            ids = []
-            for token in tokens:
-                key = int(token) if token.isdigit() else by_path.get(token.replace("\\", "/"))
-                if key is None or key not in records:
-                    raise AnnotationError(f"{path} line {number}: unknown CUB image {token!r}.")
-                ids.append(key)
-            classes = {records[key].class_id for key in ids}
-            if len(classes) != 1:
-                raise AnnotationError(
-                    f"{path} line {number}: images {ids[0]} and {ids[1]} are of different classes "
-                    f"{sorted(classes)}; CUB pairs are same-class."
-                )
-            result.append((ids[0], ids[1]))
+    for number, line in enumerate(read_text(path, "CUB pair file").splitlines(), start=1):
+        text = line.split("#", 1)[0].replace(",", " ").strip()
+        if not text:
+            continue
+        tokens = text.split()
+        if len(tokens) != 2:
+            raise AnnotationError(
+                f"{path} line {number}: expected two images (ids or paths under images/)."
+            )
+        ids = []
+        for token in tokens:
+            key = int(token) if token.isdigit() else by_path.get(token.replace("\\", "/"))
+            if key is None or key not in records:
+                raise AnnotationError(f"{path} line {number}: unknown CUB image {token!r}.")
+            ids.append(key)
+        classes = {records[key].class_id for key in ids}
+        if len(classes) != 1:
+            raise AnnotationError(
+                f"{path} line {number}: images {ids[0]} and {ids[1]} are of different classes "
+                f"{sorted(classes)}; CUB pairs are same-class."
+            )
+        result.append((ids[0], ids[1]))
     return result
 
 
@@ -262,6 +260,7 @@ def load_cub(
     pair_file: str | os.PathLike[str] | None = None,
     *,
     min_points: int = 1,
+    allow_outside_root: bool = False,
 ) -> PairDataset:
     """Load CUB-200-2011 same-class keypoint pairs.
 
@@ -286,6 +285,8 @@ def load_cub(
               paths relative to ``images/`` (``#`` comments); points are the parts visible
               in both images.
         min_points: minimum number of shared visible parts for a sampled pair.
+        allow_outside_root: follow image paths (``images.txt``, a JSON ``pair_file``) that
+            lead outside the dataset folder; refused by default.
 
     Returns:
         A :class:`PairDataset`; ``category`` is the class name without its number
@@ -295,7 +296,9 @@ def load_cub(
 
     Raises:
         DatasetNotFoundError: the folder or an index file is missing.
-        AnnotationError: a malformed index or pair file (names file, line and field).
+        AnnotationError: a malformed index or pair file (names file, line and field), an
+            image outside the dataset folder, a point or box outside its image, or no pair
+            (with a keypoint) left.
         ImageNotFoundError: an image of a chosen pair is missing.
     """
     if split not in _SPLITS:
@@ -309,7 +312,10 @@ def load_cub(
             raise DatasetNotFoundError(f"CUB pair file not found: {pair_path}.")
         if pair_path.suffix.lower() == ".json":
             return load_pair_list(
-                pair_path, image_root=root / "images", name=f"cub-{pair_path.stem}"
+                pair_path,
+                image_root=root / "images",
+                name=f"cub-{pair_path.stem}",
+                allow_outside_root=allow_outside_root,
             )
 
     records, classes = _read_cub(root)
@@ -322,7 +328,7 @@ def load_cub(
         chosen = _sample_pairs(records, split, pairs, seed, min_points)
         name = f"cub-{split}-{pairs}-seed{seed}"
 
-    images = ImageChecker(_DATASET)
+    images = ImageChecker(_DATASET, root, allow_outside_root=allow_outside_root)
     result = []
     skipped = []
     for source_id, target_id in chosen:
@@ -359,4 +365,4 @@ def load_cub(
             f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}.",
             stacklevel=2,
         )
-    return PairDataset(result, name=name)
+    return checked_dataset(result, name=name, source=pair_path if pair_file is not None else root)

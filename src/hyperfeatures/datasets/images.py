@@ -1,21 +1,49 @@
-"""Image files: decoding to RGB, reading sizes from headers, expanding user inputs to paths.
+"""Image files: decoding to 8-bit RGB, reading sizes from headers, expanding user inputs to paths.
 
-Pixels are returned exactly as stored in the file. EXIF orientation tags are *not* applied:
-keypoint annotations of every supported dataset refer to the stored pixel grid, and
-:func:`image_size` (which reads the header only) must agree with :func:`load_image`.
+Orientation. By default pixels are returned exactly as stored: keypoint annotations of every
+supported dataset refer to the *stored* pixel grid, so the dataset loaders call
+:func:`load_image` and :func:`image_size` with ``exif_transpose=False``. ``extract`` and
+``match`` (photos from phones and cameras) pass ``exif_transpose=True``, which applies the EXIF
+orientation tag as image viewers do. Both functions read the tag from the header only (an EXIF
+block that a PNG stores after its pixel data is ignored), so ``image_size(p, exif_transpose=t)``
+is always ``load_image(p, exif_transpose=t).size``. (Recent Pillow versions apply the tag of
+TIFF files themselves, whatever the flag; the tag is then never applied a second time.)
+
+Size limit. A file whose header claims more than :data:`MAX_IMAGE_PIXELS` pixels (``W * H``) is
+refused before any pixel is decoded: a few kilobytes of PNG can claim 100000 x 100000 pixels
+(a "decompression bomb") and would need tens of gigabytes.
+
+Pixel modes. Every mode is converted to ``"RGB"`` with 8 bits per channel:
+
+- ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: PIL's conversion; grey is replicated
+  to three channels;
+- ``RGBA``, ``LA``, ``PA``, ``P`` with transparency, ...: the alpha channel is dropped (pixels keep
+  their stored colour, they are not blended onto a background);
+- 16-bit grey (``I;16``, ``I;16B``, ``I;16L``, ``I;16N``, e.g. 16-bit PNG or TIFF) and 32-bit
+  integer ``I``: values are taken in the 16-bit range, clipped to ``0..65535`` and scaled to
+  ``0..255`` by ``round(value / 257)`` (65535 -> 255, 32896 -> 128);
+- 32-bit float ``F`` (float TIFF): NaN becomes 0; if every finite value lies in ``[0, 1]`` the
+  values are multiplied by 255, otherwise they are read as ``0..255`` intensities; then clipped
+  to ``0..255`` and rounded.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
+import struct
+import warnings
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "ImageLoadError",
     "ImageNotFoundError",
     "image_size",
@@ -36,11 +64,32 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".webp",
 )
 
+#: Largest accepted image, in pixels (``W * H``, read from the header before decoding): PIL's
+#: default decompression-bomb limit, about 89.5 megapixels (e.g. 9459 x 9459). Raise it by
+#: assigning to ``hyperfeatures.datasets.images.MAX_IMAGE_PIXELS``; beyond twice
+#: ``PIL.Image.MAX_IMAGE_PIXELS`` PIL itself refuses the file, so raise that one too.
+MAX_IMAGE_PIXELS: int = 89_478_485
+
 _GLOB_CHARS = frozenset("*?[")
+
+#: EXIF orientation (tag 0x0112) -> the transposition that shows the image upright.
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION_TAG = 0x0112
+#: Errors PIL (and the codecs under it) raise for a corrupt or truncated file.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, struct.error, IndexError, EOFError, zlib.error)
 
 
 class ImageLoadError(ValueError):
-    """An image file is missing, corrupt or in a format PIL cannot read. The message names it."""
+    """An image file is missing, corrupt, too large or in a format PIL cannot read. The message
+    names it."""
 
 
 class ImageNotFoundError(ImageLoadError, FileNotFoundError):
@@ -65,10 +114,84 @@ def _require_file(path: Path, context: str) -> None:
     raise ImageNotFoundError(f"image file not found: {path}{where}.")
 
 
+def _too_large(path: Path, where: str, claimed: str) -> ImageLoadError:
+    return ImageLoadError(
+        f"{path}{where}: the header claims {claimed}, more than the limit of "
+        f"{MAX_IMAGE_PIXELS:,} pixels (MAX_IMAGE_PIXELS); refusing to decode it (a huge or "
+        "forged file, a 'decompression bomb'). Downscale the image below the limit, e.g. to "
+        "at most 8192 pixels on its long side."
+    )
+
+
+def _bomb(path: Path, where: str, exc: Exception) -> ImageLoadError:
+    """PIL's own decompression-bomb error (it names the pixel count only) as ours."""
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return _too_large(path, where, f"{int(found[1]):,} pixels" if found else "too many pixels")
+
+
+def _open(path: Path, where: str) -> Image.Image:
+    """``Image.open`` (header only) that refuses a file claiming more than MAX_IMAGE_PIXELS."""
+    try:
+        with warnings.catch_warnings():
+            # Our own limit decides below; PIL's warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise _bomb(path, where, exc) from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise _too_large(path, where, f"{width} x {height} = {width * height:,} pixels")
+    return image
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8) from the header only; 1 when absent, unknown or corrupt."""
+    try:
+        # The base-class method reads what the header already gave (PNG's own override would
+        # decode the whole file to look for an EXIF block after the pixels).
+        value = Image.Image.getexif(image).get(_EXIF_ORIENTATION_TAG, 1)
+    except (*_DECODE_ERRORS, KeyError, TypeError):
+        return 1
+    return value if isinstance(value, int) and value in _ORIENTATION else 1
+
+
+def _already_oriented(image: Image.Image) -> bool:
+    """Whether PIL reports a TIFF's size already transposed by its orientation tag (recent
+    Pillow applies the tag of TIFF files itself, older versions do not)."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is None:
+        return False
+    stored = (tags.get(256), tags.get(257))  # ImageWidth, ImageLength
+    return stored[0] != stored[1] and tuple(image.size) == (stored[1], stored[0])
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> ``"RGB"`` uint8, with the rules of the module docstring."""
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image)
+        if values.dtype.kind == "i":
+            values = np.clip(values, 0, 65535)
+        # round(v / 257) for v in 0..65535, exactly, in integers (257 is odd: no ties).
+        grey = ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            values = values * np.float32(255.0)
+        grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")  # palette transparency: through RGBA keeps PIL quiet
+    return image.convert("RGB")  # a copy even for RGB: the opened file is closed after this
+
+
 def load_image(
     path: str | os.PathLike[str], *, context: str = "", exif_transpose: bool = False
 ) -> Image.Image:
-    """Decode an image file to an RGB PIL image.
+    """Decode an image file to an 8-bit RGB PIL image.
 
     Args:
         path: image file (any format PIL reads: JPEG, PNG, BMP, GIF, TIFF, WebP, ...).
@@ -78,56 +201,89 @@ def load_image(
             their annotations refer to the stored pixel grid.
 
     Returns:
-        ``PIL.Image.Image`` in mode ``"RGB"`` with the stored size ``(W, H)`` (no EXIF rotation).
-        Grey images are replicated to three channels; alpha is dropped.
+        ``PIL.Image.Image`` in mode ``"RGB"`` (uint8). Its size ``(W, H)`` is the stored size,
+        or with ``exif_transpose=True`` and orientations 5..8 the transposed ``(H, W)``; it is
+        always what :func:`image_size` with the same flag returns. Other modes are converted
+        as the module docstring says (16-bit grey scaled by 1/257, alpha dropped, ...).
 
     Raises:
         ImageNotFoundError: the file does not exist.
-        ImageLoadError: the file is not an image PIL can identify, or it is truncated / corrupt.
+        ImageLoadError: the file is not an image PIL can identify, it is truncated / corrupt,
+            or its header claims more than :data:`MAX_IMAGE_PIXELS` pixels (checked before
+            decoding).
     """
     path = Path(path).expanduser()
     _require_file(path, context)
     where = f" ({context})" if context else ""
     try:
-        with Image.open(path) as image:
+        with _open(path, where) as image:
+            before = _orientation(image) if exif_transpose else 1
             image.load()
-            if exif_transpose:
-                image = ImageOps.exif_transpose(image)
-            if image.mode == "P":
-                # Palette images may carry transparency; go through RGBA to keep PIL quiet.
-                image = image.convert("RGBA")
-            return image.convert("RGB")
+            # A plugin that applies the tag itself (TIFF, recent Pillow) drops it while loading.
+            orientation = before if before != 1 and _orientation(image) == before else 1
+            mode = image.mode
+            try:
+                rgb = _to_rgb(image)
+            except ValueError as exc:
+                raise ImageLoadError(
+                    f"cannot convert {path}{where} (pixel mode {mode!r}) to RGB ({exc}). "
+                    "Re-save it as an 8-bit RGB or grey PNG / JPEG."
+                ) from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(
             f"cannot read {path}{where}: not an image format PIL supports "
             f"(expected one of {', '.join(IMAGE_EXTENSIONS)})."
         ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:  # a frame larger than the header said
+        raise _bomb(path, where, exc) from None
+    except _DECODE_ERRORS as exc:
         raise ImageLoadError(
             f"cannot decode {path}{where}: the file is corrupt or truncated ({exc}). "
             "Re-download or re-export the image."
         ) from exc
+    method = _ORIENTATION.get(orientation)
+    return rgb if method is None else rgb.transpose(method)
 
 
-def image_size(path: str | os.PathLike[str], *, context: str = "") -> tuple[int, int]:
+def image_size(
+    path: str | os.PathLike[str], *, context: str = "", exif_transpose: bool = False
+) -> tuple[int, int]:
     """Size ``(W, H)`` in pixels of an image file, read from its header without decoding pixels.
+
+    Args:
+        path: image file.
+        context: optional words appended to error messages.
+        exif_transpose: give the size after the EXIF orientation is applied: ``(H, W)`` of the
+            stored grid for orientations 5..8 (read from the header / EXIF block, no decoding).
+            Matches :func:`load_image` with the same flag. Dataset annotations refer to the
+            stored grid, so the loaders keep the default ``False``.
 
     Raises:
         ImageNotFoundError: the file does not exist.
-        ImageLoadError: the file is not an image PIL can identify.
+        ImageLoadError: the file is not an image PIL can identify, its header is corrupt, or
+            it claims more than :data:`MAX_IMAGE_PIXELS` pixels.
     """
     path = Path(path).expanduser()
     _require_file(path, context)
     where = f" ({context})" if context else ""
     try:
-        with Image.open(path) as image:
+        with _open(path, where) as image:
             width, height = image.size
+            orientation = _orientation(image) if exif_transpose else 1
+            if orientation in (5, 6, 7, 8) and _already_oriented(image):
+                orientation = 1
     except UnidentifiedImageError as exc:
         raise ImageLoadError(
             f"cannot read the size of {path}{where}: not an image format PIL supports."
         ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except ImageLoadError:
+        raise
+    except _DECODE_ERRORS as exc:
         raise ImageLoadError(f"cannot read the header of {path}{where}: {exc}.") from exc
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
     return int(width), int(height)
 
 
@@ -187,7 +343,13 @@ def _expand_one(
 def _expand_list_file(list_file: Path, recursive: bool) -> list[Path]:
     paths: list[Path] = []
     base = list_file.parent
-    text = list_file.read_text(encoding="utf-8")
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"list file {list_file} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "write one image path per line, UTF-8."
+        ) from exc
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):

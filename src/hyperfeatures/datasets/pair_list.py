@@ -10,8 +10,11 @@ A JSON list (or an object holding the list under ``"pairs"``) of entries::
 Points are ``[x, y]`` pixels of the original images, boxes ``[x1, y1, x2, y2]``. Relative
 image paths are resolved against ``image_root`` (the original code's ``image_path``; for the
 published SPair lists that is ``SPair-71k/JPEGImages``) or, without it, against the JSON's
-folder. Optional keys written by :func:`save_pair_list`: ``pair_id``, ``source_size`` /
-``target_size`` (``[W, H]``) and ``meta``; any other key (``source_pose``, ``mirror``,
+folder. Every image must lie inside that folder: a path that leads outside it (``..``, an
+absolute path elsewhere) is refused unless ``allow_outside_root=True`` (CLI:
+``--allow-outside-root``); see :mod:`.fields` for the rule. Optional keys written by
+:func:`save_pair_list`: ``pair_id``, ``source_size`` / ``target_size`` (``[W, H]``, checked
+against the image headers) and ``meta``; any other key (``source_pose``, ``mirror``,
 ``viewpoint_variation``, ...) is kept in ``KeypointPair.meta``.
 """
 
@@ -26,19 +29,18 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write_text
-from .images import ImageNotFoundError
-from .pairs import (
+from .fields import (
     AnnotationError,
     DatasetNotFoundError,
     ImageChecker,
-    KeypointPair,
-    PairDataset,
     parse_bbox,
     parse_points,
     parse_size,
     read_json,
     require_field,
 )
+from .images import ImageNotFoundError
+from .pairs import KeypointPair, PairDataset, checked_dataset
 
 __all__ = ["load_pair_list", "save_pair_list"]
 
@@ -90,24 +92,31 @@ def load_pair_list(
     image_root: str | os.PathLike[str] | None = None,
     *,
     name: str | None = None,
+    allow_outside_root: bool = False,
 ) -> PairDataset:
     """Load a pair-list JSON file (format in the module docstring).
 
     Args:
         path: the JSON file.
         image_root: folder that relative ``source_path`` / ``target_path`` are relative to
-            (default: the JSON file's folder). Absolute paths are used as they are.
+            (default: the JSON file's folder). Absolute paths are used as they are, if they
+            lie inside it.
         name: dataset name (default: the file stem).
+        allow_outside_root: follow image paths that lead outside ``image_root`` (``..``,
+            absolute paths elsewhere, e.g. a list saved by :func:`save_pair_list` for images
+            outside its ``image_root``); refused by default.
 
     Returns:
         A :class:`PairDataset` in file order. ``pair_id`` is the entry's ``pair_id`` or its
-        6-digit index in the list. Image sizes ``(W, H)`` come from ``source_size`` /
-        ``target_size`` when stored, else from the image headers (read at load time, which also
-        checks that every image exists and every point lies inside its image).
+        6-digit index in the list. Image sizes ``(W, H)`` are read from the image headers at
+        load time (which also checks that every image exists and every point and box lies
+        inside its image); a stored ``source_size`` / ``target_size`` must equal them.
 
     Raises:
         DatasetNotFoundError: the JSON file does not exist.
-        AnnotationError: an entry is malformed (names the file, the entry index and the field).
+        AnnotationError: an entry is malformed (names the file, the entry index, the pair id
+            and the field), states a wrong image size, names an image outside ``image_root``,
+            or no pair has a keypoint.
         ImageNotFoundError: an image does not exist (hint: pass ``image_root``).
     """
     path = Path(path).expanduser()
@@ -120,12 +129,20 @@ def load_pair_list(
     if image_root is not None and not base.is_dir():
         raise DatasetNotFoundError(f"image root {base} for pair list {path} is not a folder.")
 
-    images = ImageChecker("pair-list")
+    images = ImageChecker(
+        "pair-list",
+        base,
+        allow_outside_root=allow_outside_root,
+        root_name="image root" if image_root is not None else "pair list's folder",
+    )
     pairs = []
     for index, entry in enumerate(_entries(read_json(path), path)):
         where = f"{path} entry {index}"
         if not isinstance(entry, dict):
             raise AnnotationError(f"{where}: expected a JSON object, got {type(entry).__name__}.")
+        pair_id = str(entry.get("pair_id", f"{index:06d}"))
+        if "pair_id" in entry:
+            where = f"{where} (pair_id {pair_id!r})"
         files = {}
         for key in ("source_path", "target_path"):
             value = require_field(entry, key, where)
@@ -136,13 +153,19 @@ def load_pair_list(
             try:
                 files[key] = images.require(file, where, key)
             except ImageNotFoundError as exc:
-                hint = "" if image_root is not None else " Pass image_root= (--image-root)."
+                hint = (
+                    ""
+                    if image_root is not None
+                    else " Relative paths are read from the JSON's folder; to read them from "
+                    "another folder pass image_root=<folder> (CLI: --data-root <folder> with "
+                    "--dataset pair-list)."
+                )
                 raise ImageNotFoundError(f"{exc}{hint}") from None
         sizes = {}
         for side in ("source", "target"):
-            size = parse_size(entry.get(f"{side}_size"), where, f"{side}_size")
-            key = f"{side}_path"
-            sizes[side] = size if size is not None else images.size(files[key], where, key)
+            size_field, key = f"{side}_size", f"{side}_path"
+            stated = parse_size(entry.get(size_field), where, size_field)
+            sizes[side] = images.size(files[key], where, key, stated, size_field)
         category = entry.get("category", "unknown")
         if not isinstance(category, str) or not category:
             raise AnnotationError(f"{where}: field 'category' must be a non-empty string.")
@@ -165,12 +188,12 @@ def load_pair_list(
                 target_bbox=_box(entry, "target", where),
                 source_size=sizes["source"],
                 target_size=sizes["target"],
-                pair_id=str(entry.get("pair_id", f"{index:06d}")),
+                pair_id=pair_id,
                 meta=meta,
                 origin=where,
             )
         )
-    return PairDataset(pairs, name=name or path.stem)
+    return checked_dataset(pairs, name=name or path.stem, source=path)
 
 
 def _relative(file: Path, base: Path) -> str:
@@ -197,7 +220,8 @@ def save_pair_list(
     """Write pairs as a pair-list JSON that :func:`load_pair_list` (and the original code) reads.
 
     The file is written atomically (temporary file + rename). Image paths are stored relative to
-    ``image_root`` (default: the JSON's folder) when the images lie inside it, else absolute.
+    ``image_root`` (default: the JSON's folder) when the images lie inside it, else absolute
+    (reading such a file back needs ``load_pair_list(..., allow_outside_root=True)``).
     Besides the original keys it stores ``pair_id``, ``source_size`` / ``target_size`` and
     ``meta`` so that a sampled split (e.g. SPair test-360) can be frozen and reloaded exactly.
 

@@ -5,23 +5,33 @@ Conventions (every loader, every public function):
 - points are ``(N, 2)`` float64 arrays of ``(x, y)`` in pixels of the *original* image
   (x to the right, y down), row ``i`` of the source matches row ``i`` of the target;
 - bounding boxes are ``(x1, y1, x2, y2)`` in the same pixel frame;
-- image sizes are ``(W, H)``.
+- image sizes are ``(W, H)`` of the stored pixel grid (no EXIF rotation).
+
+Field parsing and the checks of the image files annotations name live in :mod:`.fields`.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
 
-from .images import ImageNotFoundError, image_size
+from .fields import (
+    POINT_TOLERANCE_PX,
+    AnnotationError,
+    BBox,
+    DatasetNotFoundError,
+    ImageSize,
+    parse_bbox,
+    parse_points,
+    parse_size,
+)
+from .images import image_size
 
 __all__ = [
     "POINT_TOLERANCE_PX",
@@ -31,176 +41,9 @@ __all__ = [
     "ImageSize",
     "KeypointPair",
     "PairDataset",
+    "checked_dataset",
     "sample_per_category",
 ]
-
-#: Keypoints may lie this many pixels outside ``[0, W] x [0, H]`` before a pair is rejected.
-#: Annotations of the PASCAL-derived datasets use 1-based pixel indices, so ``x == W`` is legal.
-POINT_TOLERANCE_PX = 1.0
-
-ImageSize = tuple[int, int]
-BBox = tuple[float, float, float, float]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset folder or one of its index files is missing. The message gives the layout."""
-
-
-class AnnotationError(ValueError):
-    """An annotation file is malformed. The message names the file and the field."""
-
-
-def data_root_hint(dataset: str, layout: str) -> str:
-    """The sentence every 'dataset not found' error ends with."""
-    return (
-        f"{dataset} is expected in its released layout:\n{layout}\n"
-        "Download it, then pass its folder with --data-root (CLI) or root=... (Python); "
-        "the parent folder that contains it works too."
-    )
-
-
-def find_dataset_root(
-    root: str | os.PathLike[str],
-    subfolders: Sequence[str],
-    is_root: Callable[[Path], bool],
-    dataset: str,
-    layout: str,
-) -> Path:
-    """Return ``root`` or ``root/<subfolder>`` (first for which ``is_root`` holds).
-
-    Raises:
-        DatasetNotFoundError: none of the candidates looks like the dataset.
-    """
-    base = Path(root).expanduser()
-    candidates = [base, *(base / sub for sub in subfolders)]
-    for candidate in candidates:
-        if candidate.is_dir() and is_root(candidate):
-            return candidate
-    state = "does not exist" if not base.exists() else "does not contain it"
-    raise DatasetNotFoundError(
-        f"{dataset} not found: {base} {state}.\n{data_root_hint(dataset, layout)}"
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Field parsing shared by the loaders: each raises AnnotationError naming file and field.
-# ----------------------------------------------------------------------------------------------
-
-
-def _prefix(where: object) -> str:
-    return f"{where}: " if where else ""
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file; a syntax error becomes an :class:`AnnotationError` naming the file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise DatasetNotFoundError(f"annotation file not found: {path}.") from exc
-    except UnicodeDecodeError as exc:
-        raise AnnotationError(f"{path}: not a UTF-8 text file ({exc.reason}).") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AnnotationError(
-            f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})."
-        ) from exc
-
-
-def require_field(data: Mapping[str, Any], key: str, where: Any) -> Any:
-    """``data[key]``, or an :class:`AnnotationError` that names the missing field."""
-    if not isinstance(data, Mapping):
-        raise AnnotationError(
-            f"{_prefix(where)}expected a JSON object with field {key!r}, got {type(data).__name__}."
-        )
-    if key not in data or data[key] is None:
-        present = ", ".join(sorted(map(str, data))) or "none"
-        raise AnnotationError(f"{_prefix(where)}missing field {key!r} (fields present: {present}).")
-    return data[key]
-
-
-def parse_points(value: Any, where: Any, field_name: str) -> np.ndarray:
-    """Parse a list of ``[x, y]`` pairs into an ``(N, 2)`` float64 array."""
-    try:
-        points = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise AnnotationError(
-            f"{_prefix(where)}field {field_name!r} must be a list of [x, y] numbers ({exc})."
-        ) from exc
-    if points.size == 0:
-        return np.zeros((0, 2), dtype=np.float64)
-    if points.ndim != 2 or points.shape[1] != 2:
-        raise AnnotationError(
-            f"{_prefix(where)}field {field_name!r} must have shape (N, 2) as [[x, y], ...],"
-            f" got shape {points.shape}."
-        )
-    return points
-
-
-def parse_bbox(value: Any, where: Any, field_name: str) -> BBox | None:
-    """Parse ``[x1, y1, x2, y2]``; ``None`` stays ``None``."""
-    if value is None:
-        return None
-    try:
-        box = np.asarray(value, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise AnnotationError(
-            f"{_prefix(where)}field {field_name!r} must be [x1, y1, x2, y2] ({exc})."
-        ) from exc
-    if box.shape != (4,):
-        raise AnnotationError(
-            f"{_prefix(where)}field {field_name!r} must hold 4 numbers [x1, y1, x2, y2], "
-            f"got {box.size}."
-        )
-    return (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
-
-
-def parse_size(value: Any, where: Any, field_name: str) -> ImageSize | None:
-    """Parse ``[W, H]`` (extra trailing entries such as a channel count are ignored)."""
-    if value is None:
-        return None
-    try:
-        numbers = [float(v) for v in value]
-    except (TypeError, ValueError) as exc:
-        raise AnnotationError(
-            f"{_prefix(where)}field {field_name!r} must be [W, H, ...] numbers ({exc})."
-        ) from exc
-    if len(numbers) < 2:
-        raise AnnotationError(
-            f"{_prefix(where)}field {field_name!r} must hold at least [W, H], "
-            f"got {len(numbers)} value(s)."
-        )
-    return (int(numbers[0]), int(numbers[1])) if all(map(math.isfinite, numbers[:2])) else None
-
-
-class ImageChecker:
-    """Checks that image files exist (and reads their header sizes), caching per path."""
-
-    def __init__(self, dataset: str) -> None:
-        self.dataset = dataset
-        self._exists: dict[Path, bool] = {}
-        self._sizes: dict[Path, ImageSize] = {}
-
-    def require(self, path: Path, where: Any, field_name: str) -> Path:
-        """Return ``path`` if it is a file, else raise :class:`ImageNotFoundError` with context."""
-        exists = self._exists.get(path)
-        if exists is None:
-            exists = self._exists[path] = path.is_file()
-        if not exists:
-            raise ImageNotFoundError(
-                f"{_prefix(where)}image named by field {field_name!r} not found: {path}. "
-                f"Is the {self.dataset} image folder complete? (check --data-root)"
-            )
-        return path
-
-    def size(self, path: Path, where: Any, field_name: str) -> ImageSize:
-        """``(W, H)`` read from the image header (checks existence first)."""
-        cached = self._sizes.get(path)
-        if cached is None:
-            self.require(path, where, field_name)
-            context = f"named by field {field_name!r} of {where}"
-            cached = self._sizes[path] = image_size(path, context=context)
-        return cached
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,11 +55,12 @@ class _LazyImageSize:
     """Dataclass field holding ``(W, H)``; when ``None``, read from the image header on access.
 
     The raw value is kept in ``instance.__dict__["_<name>"]`` so validation can look at it
-    without touching the file.
+    without touching the file. A size read from the header is checked against the pair's
+    points and box before it is returned (and cached).
     """
 
-    def __init__(self, path_field: str) -> None:
-        self._path_field = path_field
+    def __init__(self, side: str) -> None:
+        self._side = side
         self._slot = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -227,8 +71,9 @@ class _LazyImageSize:
             return None  # the dataclass default
         value = instance.__dict__.get(self._slot)
         if value is None:
-            path = getattr(instance, self._path_field)
-            value = image_size(path, context=f"{self._path_field} of pair {instance.pair_id!r}")
+            path = getattr(instance, f"{self._side}_path")
+            value = image_size(path, context=f"{self._side}_path of pair {instance.pair_id!r}")
+            instance._check_side(self._side, value)
             instance.__dict__[self._slot] = value
         return value
 
@@ -251,9 +96,11 @@ class KeypointPair:
         source_bbox: object box ``(x1, y1, x2, y2)`` in the source image, or ``None``.
         target_bbox: object box ``(x1, y1, x2, y2)`` in the target image, or ``None`` (PCK_bbox
             uses ``max(x2 - x1, y2 - y1)`` of this box).
-        source_size: ``(W, H)`` of the source image. Loaders fill it from the annotation or the
-            image header; when constructed with ``None`` it is read from the file header
-            (no pixel decoding) on first access, so reading it never returns ``None``.
+        source_size: ``(W, H)`` of the source image's stored pixel grid. Loaders fill it from
+            the image header (an annotated size must equal it: see
+            :meth:`~hyperfeatures.datasets.fields.ImageChecker.size`); a size given by hand is
+            trusted. When constructed with ``None`` it is read from the file header (no pixel
+            decoding) on first access, so reading it never returns ``None``.
         target_size: ``(W, H)`` of the target image, same rules.
         pair_id: identifier, unique within its dataset (sampling is keyed on it).
         meta: dataset-specific extras (SPair viewpoint / scale / truncation / occlusion, flips,
@@ -265,9 +112,12 @@ class KeypointPair:
     reads a still-unknown size from the image header). Equality is identity.
 
     Raises:
-        AnnotationError: point arrays of different lengths or not ``(N, 2)``, non-finite values,
-            a point outside a known image size (beyond :data:`POINT_TOLERANCE_PX`), a bad box or
-            size. The message names the field and the annotation file.
+        AnnotationError: point arrays of different lengths or not ``(N, 2)``, booleans, strings
+            or non-finite values, a point or box corner outside the image (beyond
+            :data:`POINT_TOLERANCE_PX`), a box with ``x1 > x2`` or ``y1 > y2``, a size that is
+            not ``[W, H]`` whole pixels (see :func:`~hyperfeatures.datasets.fields.parse_size`).
+            The message names the field and the annotation file. With a size still unknown, the
+            inside-the-image checks run when it is first read.
     """
 
     source_path: Path
@@ -277,8 +127,8 @@ class KeypointPair:
     category: str
     source_bbox: BBox | None = None
     target_bbox: BBox | None = None
-    source_size: ImageSize | None = _LazyImageSize("source_path")
-    target_size: ImageSize | None = _LazyImageSize("target_path")
+    source_size: ImageSize | None = _LazyImageSize("source")
+    target_size: ImageSize | None = _LazyImageSize("target")
     pair_id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     origin: str = ""
@@ -297,42 +147,32 @@ class KeypointPair:
             )
         set_(self, "meta", dict(self.meta))
 
-        points = {}
         for name in ("source_points", "target_points"):
-            array = parse_points(getattr(self, name), label, name).copy()
-            if not np.isfinite(array).all():
-                bad = int(np.flatnonzero(~np.isfinite(array).all(axis=1))[0])
-                raise AnnotationError(
-                    f"{where}{name}[{bad}] = {array[bad].tolist()} is not finite; "
-                    "drop unannotated keypoints instead of storing NaN."
-                )
+            array = parse_points(getattr(self, name), label, name)
             array.setflags(write=False)
             set_(self, name, array)
-            points[name] = array
-        if len(points["source_points"]) != len(points["target_points"]):
+        if len(self.source_points) != len(self.target_points):
             raise AnnotationError(
-                f"{where}source_points has {len(points['source_points'])} points but "
-                f"target_points has {len(points['target_points'])}; they must correspond 1:1."
+                f"{where}source_points has {len(self.source_points)} points but "
+                f"target_points has {len(self.target_points)}; they must correspond 1:1."
             )
 
         for side in ("source", "target"):
-            box = parse_bbox(getattr(self, f"{side}_bbox"), label, f"{side}_bbox")
-            if box is not None and (
-                not all(map(math.isfinite, box)) or box[2] < box[0] or box[3] < box[1]
-            ):
-                raise AnnotationError(
-                    f"{where}{side}_bbox {box} must be finite (x1, y1, x2, y2) with x1 <= x2, "
-                    "y1 <= y2."
-                )
-            set_(self, f"{side}_bbox", box)
-
-            raw_size = self.__dict__.get(f"_{side}_size")
-            size = parse_size(raw_size, label, f"{side}_size")
-            if raw_size is not None and (size is None or size[0] <= 0 or size[1] <= 0):
-                raise AnnotationError(f"{where}{side}_size {raw_size} must be positive (W, H).")
+            set_(
+                self,
+                f"{side}_bbox",
+                parse_bbox(getattr(self, f"{side}_bbox"), label, f"{side}_bbox"),
+            )
+            size = parse_size(self.__dict__.get(f"_{side}_size"), label, f"{side}_size")
             set_(self, f"{side}_size", size)
             if size is not None:
-                _check_inside(points[f"{side}_points"], size, where, f"{side}_points")
+                self._check_side(side, size)
+
+    def _check_side(self, side: str, size: ImageSize) -> None:
+        """Points and box of ``side`` (``"source"`` / ``"target"``) lie inside ``size``."""
+        where = f"{self.origin or f'pair {self.pair_id!r}'}: "
+        check_points_inside(getattr(self, f"{side}_points"), size, where, f"{side}_points")
+        check_bbox_inside(getattr(self, f"{side}_bbox"), size, where, f"{side}_bbox")
 
     @property
     def num_points(self) -> int:
@@ -364,7 +204,8 @@ class KeypointPair:
         )
 
 
-def _check_inside(points: np.ndarray, size: ImageSize, where: str, name: str) -> None:
+def check_points_inside(points: np.ndarray, size: ImageSize, where: str, name: str) -> None:
+    """Refuse ``(N, 2)`` points beyond :data:`POINT_TOLERANCE_PX` outside ``[0, W] x [0, H]``."""
     width, height = size
     tol = POINT_TOLERANCE_PX
     outside = (
@@ -379,6 +220,21 @@ def _check_inside(points: np.ndarray, size: ImageSize, where: str, name: str) ->
             f"{where}{name}[{index}] = (x={points[index, 0]:g}, y={points[index, 1]:g}) lies "
             f"outside the image of size (W={width}, H={height}); points are (x, y) pixels of "
             f"the original image ({int(outside.sum())} point(s) outside)."
+        )
+
+
+def check_bbox_inside(box: BBox | None, size: ImageSize, where: str, name: str) -> None:
+    """Refuse a box reaching beyond :data:`POINT_TOLERANCE_PX` outside ``[0, W] x [0, H]``."""
+    if box is None:
+        return
+    width, height = size
+    tol = POINT_TOLERANCE_PX
+    x1, y1, x2, y2 = box
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        raise AnnotationError(
+            f"{where}{name} (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g}) reaches outside the "
+            f"image of size (W={width}, H={height}); boxes are corner pixels of the original "
+            "image. Fix the box or the image size."
         )
 
 
@@ -500,3 +356,36 @@ class PairDataset(Sequence[KeypointPair]):
         keys = [(pair.category, pair.pair_id) for pair in self._pairs]
         indices = sample_per_category(keys, per_category, seed)
         return PairDataset((self._pairs[i] for i in indices), name=self.name)
+
+
+def checked_dataset(
+    pairs: Iterable[KeypointPair], *, name: str, source: str | os.PathLike[str]
+) -> PairDataset:
+    """The :class:`PairDataset` a loader returns; every loader (and :func:`load_dataset`) ends here.
+
+    Pairs without keypoints (e.g. PF-PASCAL images sharing no visible keypoint) are *kept*, in
+    place, so pair lists and ids stay as annotated: they add nothing to PCK over keypoints. A
+    dataset in which no pair has a keypoint, or without any pair, is refused: PCK over 0
+    keypoints means nothing.
+
+    Args:
+        pairs: the loaded pairs.
+        name: dataset name.
+        source: the annotation file or dataset folder the pairs came from (for the message).
+
+    Raises:
+        AnnotationError: no pair, or no pair with a keypoint; names ``source``.
+    """
+    data = PairDataset(pairs, name=name)
+    if not len(data):
+        raise AnnotationError(
+            f"{source}: the dataset {name!r} has no pairs; check the split, the pair file or the "
+            "annotations chosen."
+        )
+    if not any(pair.num_points for pair in data):
+        raise AnnotationError(
+            f"{source}: no pair of the dataset {name!r} has a keypoint ({len(data)} pair(s), "
+            "all with 0 keypoints), so PCK would be computed over 0 keypoints; check the "
+            "keypoint fields of the annotations (or the split / pair file chosen)."
+        )
+    return data

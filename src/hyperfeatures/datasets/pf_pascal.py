@@ -18,7 +18,7 @@ class, flip``) take the keypoints from the ``.mat`` annotations: those present (
 both images, in annotation order.
 
 Bounding boxes come from ``Annotations/<class>/<image>.mat`` (field ``bbox``,
-``[x1, y1, x2, y2]``). These MATLAB v5 files are read by a small reader in this module (no
+``[x1, y1, x2, y2]``). These MATLAB v5 files are read by a small reader (:mod:`.matfile`, no
 SciPy needed). If ``Annotations/`` is absent the boxes are ``None`` (a warning says so) and
 only image-size PCK is available.
 
@@ -29,26 +29,24 @@ object box above. Both are possible with these records.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
-import struct
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .pairs import (
+from .fields import (
     AnnotationError,
     DatasetNotFoundError,
     ImageChecker,
-    KeypointPair,
-    PairDataset,
     data_root_hint,
     find_dataset_root,
+    read_csv,
 )
+from .matfile import read_mat_arrays
+from .pairs import KeypointPair, PairDataset, checked_dataset
 
 __all__ = ["PF_PASCAL_CATEGORIES", "load_pf_pascal", "read_mat_arrays"]
 
@@ -91,143 +89,6 @@ _CSV_NAMES = {
 _COORD_COLUMNS = ("xa", "ya", "xb", "yb")
 
 # ----------------------------------------------------------------------------------------------
-# Minimal MATLAB v5 MAT-file reader (numeric arrays only).
-# ----------------------------------------------------------------------------------------------
-
-_MI_DTYPES = {
-    1: "i1",
-    2: "u1",
-    3: "i2",
-    4: "u2",
-    5: "i4",
-    6: "u4",
-    7: "f4",
-    9: "f8",
-    12: "i8",
-    13: "u8",
-}
-_MI_MATRIX = 14
-_MI_COMPRESSED = 15
-#: mxClassID -> numpy dtype for the numeric classes (double, single, int8 ... uint64).
-_MX_DTYPES = {
-    6: "f8",
-    7: "f4",
-    8: "i1",
-    9: "u1",
-    10: "i2",
-    11: "u2",
-    12: "i4",
-    13: "u4",
-    14: "i8",
-    15: "u8",
-}
-_FLAG_COMPLEX = 1 << 11
-_FLAG_LOGICAL = 1 << 9
-
-
-def _element(buf: bytes, pos: int, endian: str, path: Path) -> tuple[int, bytes, int]:
-    """One data element at ``pos``: ``(type, payload, position of the next element)``."""
-    if pos + 8 > len(buf):
-        raise AnnotationError(f"{path}: truncated MAT-file (element header at byte {pos}).")
-    (word,) = struct.unpack_from(endian + "I", buf, pos)
-    if word >> 16:  # small data element: type and size share the first 4 bytes
-        size = word >> 16
-        if size > 4:
-            raise AnnotationError(f"{path}: corrupt MAT-file (small element of {size} bytes).")
-        return word & 0xFFFF, buf[pos + 4 : pos + 4 + size], pos + 8
-    mtype, size = struct.unpack_from(endian + "II", buf, pos)
-    start, end = pos + 8, pos + 8 + size
-    if end > len(buf):
-        raise AnnotationError(f"{path}: truncated MAT-file (element of {size} bytes at {pos}).")
-    following = end if mtype == _MI_COMPRESSED else start + (size + 7) // 8 * 8
-    return mtype, buf[start:end], following
-
-
-def _numbers(mtype: int, payload: bytes, endian: str, path: Path, name: str) -> np.ndarray:
-    if mtype not in _MI_DTYPES:
-        raise AnnotationError(f"{path}: variable {name!r} stores data of unknown type {mtype}.")
-    dtype = np.dtype(_MI_DTYPES[mtype]).newbyteorder(endian)
-    if len(payload) % dtype.itemsize:
-        raise AnnotationError(f"{path}: variable {name!r} has a partial value ({len(payload)} B).")
-    return np.frombuffer(payload, dtype=dtype)
-
-
-def _matrix(payload: bytes, endian: str, path: Path) -> tuple[str, np.ndarray | None]:
-    mtype, flags_raw, pos = _element(payload, 0, endian, path)
-    if len(flags_raw) < 4:
-        raise AnnotationError(f"{path}: corrupt MAT-file (array flags).")
-    (flags,) = struct.unpack_from(endian + "I", flags_raw, 0)
-    mx_class = flags & 0xFF
-    _, dims_raw, pos = _element(payload, pos, endian, path)
-    dims = tuple(int(d) for d in np.frombuffer(dims_raw, dtype=np.dtype("i4").newbyteorder(endian)))
-    _, name_raw, pos = _element(payload, pos, endian, path)
-    name = name_raw.decode("latin-1")
-    if mx_class not in _MX_DTYPES:
-        return name, None  # cell, struct, char, sparse, object: not needed here
-    mtype, real_raw, pos = _element(payload, pos, endian, path)
-    values = _numbers(mtype, real_raw, endian, path, name).astype(_MX_DTYPES[mx_class])
-    if flags & _FLAG_COMPLEX:
-        mtype, imag_raw, pos = _element(payload, pos, endian, path)
-        values = values + 1j * _numbers(mtype, imag_raw, endian, path, name)
-    if flags & _FLAG_LOGICAL:
-        values = values.astype(bool)
-    if values.size != math.prod(dims):
-        raise AnnotationError(
-            f"{path}: variable {name!r} holds {values.size} values for dimensions {dims}."
-        )
-    return name, values.reshape(dims, order="F")
-
-
-def read_mat_arrays(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
-    """Read the numeric variables of a MATLAB v5 / v7 MAT-file (compressed or not).
-
-    Only top-level numeric (and logical) arrays are returned; cells, structs, strings and
-    sparse matrices are skipped. MAT v7.3 files (HDF5) are not supported.
-
-    Returns:
-        ``{variable name: array}`` with MATLAB's shape (2-D at least) and element type.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        AnnotationError: not a v5 MAT-file, or a corrupt one (names the file).
-    """
-    path = Path(path)
-    data = path.read_bytes()
-    if len(data) < 128:
-        raise AnnotationError(f"{path}: too short for a MAT-file ({len(data)} bytes).")
-    if data[126:128] == b"IM":
-        endian = "<"
-    elif data[126:128] == b"MI":
-        endian = ">"
-    else:
-        raise AnnotationError(f"{path}: not a MATLAB v5 MAT-file (no endian mark at byte 126).")
-    (version,) = struct.unpack_from(endian + "H", data, 124)
-    if version != 0x0100:
-        raise AnnotationError(
-            f"{path}: MAT-file version 0x{version:04x} is not supported (v7.3/HDF5?); "
-            "re-save it in MATLAB with save(..., '-v7')."
-        )
-    arrays: dict[str, np.ndarray] = {}
-    pos = 128
-    while pos + 8 <= len(data):
-        mtype, payload, pos = _element(data, pos, endian, path)
-        if mtype == _MI_COMPRESSED:
-            try:
-                inner = zlib.decompress(payload)
-            except zlib.error as exc:
-                raise AnnotationError(
-                    f"{path}: corrupt compressed MAT-file element ({exc})."
-                ) from exc
-            mtype, payload, _ = _element(inner, 0, endian, path)
-        if mtype != _MI_MATRIX:
-            continue
-        name, array = _matrix(payload, endian, path)
-        if array is not None:
-            arrays[name] = array
-    return arrays
-
-
-# ----------------------------------------------------------------------------------------------
 # Loader
 # ----------------------------------------------------------------------------------------------
 
@@ -258,6 +119,10 @@ class _Annotations:
         path, arrays = annotation
         if "kps" not in arrays:
             raise AnnotationError(f"{path}: missing variable 'kps' (N x 2 keypoints).")
+        if arrays["kps"].dtype.kind not in "iuf":
+            raise AnnotationError(
+                f"{path}: variable 'kps' must hold numbers, got {arrays['kps'].dtype} values."
+            )
         kps = np.asarray(arrays["kps"], dtype=np.float64)
         if kps.ndim == 2 and kps.shape[0] == 2 and kps.shape[1] != 2:
             kps = kps.T
@@ -271,6 +136,10 @@ class _Annotations:
         path, arrays = annotation
         if "bbox" not in arrays:
             raise AnnotationError(f"{path}: missing variable 'bbox' ([x1 y1 x2 y2]).")
+        if arrays["bbox"].dtype.kind not in "iuf":
+            raise AnnotationError(
+                f"{path}: variable 'bbox' must hold numbers, got {arrays['bbox'].dtype} values."
+            )
         box = np.asarray(arrays["bbox"], dtype=np.float64).reshape(-1)
         if box.shape != (4,):
             raise AnnotationError(f"{path}: variable 'bbox' must hold 4 numbers, got {box.size}.")
@@ -341,7 +210,9 @@ def _find_csv(root: Path, dataset_dir: Path, split: str) -> Path:
     )
 
 
-def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDataset:
+def load_pf_pascal(
+    root: str | os.PathLike[str], split: str = "test", *, allow_outside_root: bool = False
+) -> PairDataset:
     """Load PF-PASCAL pairs from the released layout (see the module docstring).
 
     Args:
@@ -349,6 +220,8 @@ def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDat
             may sit in either.
         split: ``"test"`` (299 pairs in the standard split), ``"val"``, or ``"trn"`` (alias
             ``"train"``).
+        allow_outside_root: accepted for a uniform loader signature; PF-PASCAL images are
+            looked up by file name in ``JPEGImages/``, which cannot lead outside the folder.
 
     Returns:
         A :class:`PairDataset` in CSV order; ``pair_id`` is ``"<row>-<source>-<target>"``.
@@ -358,7 +231,8 @@ def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDat
 
     Raises:
         DatasetNotFoundError: folder, CSV or a needed annotation file missing.
-        AnnotationError: malformed CSV row or ``.mat`` file (names file, row and field).
+        AnnotationError: malformed CSV row or ``.mat`` file (names file, row and field), a
+            point or box outside its image, or no pair with a keypoint.
         ImageNotFoundError: an image named by the CSV is missing.
     """
     if split not in _SPLIT_ALIASES:
@@ -377,7 +251,7 @@ def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDat
     header, rows = _read_pair_csv(csv_path)
     has_coords = all(c in header for c in _COORD_COLUMNS)
     annotations = _open_annotations(dataset_dir, csv_path, has_coords)
-    images = ImageChecker(_DATASET)
+    images = ImageChecker(_DATASET, dataset_dir, allow_outside_root=allow_outside_root)
     pairs = [
         _pair_from_row(
             row,
@@ -390,16 +264,14 @@ def load_pf_pascal(root: str | os.PathLike[str], split: str = "test") -> PairDat
         )
         for number, row in enumerate(rows, start=2)  # row 1 is the header
     ]
-    return PairDataset(pairs, name=f"pf-pascal-{split}")
+    return checked_dataset(pairs, name=f"pf-pascal-{split}", source=csv_path)
 
 
 def _read_pair_csv(csv_path: Path) -> tuple[list[str], list[dict[str, str]]]:
     """``(lower-case header, rows)`` of a pair CSV; checks the required columns."""
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        header = [name.strip().lower() for name in reader.fieldnames or []]
-        reader.fieldnames = header
-        rows = list(reader)
+    table = read_csv(csv_path, "PF-PASCAL pair list")
+    header = [name.strip().lower() for name in (table[0] if table else [])]
+    rows = [dict(zip(header, cells, strict=False)) for cells in table[1:]]
     missing = [c for c in ("source_image", "target_image", "class") if c not in header]
     if missing:
         raise AnnotationError(

@@ -20,21 +20,20 @@ extent of its keypoints, ``(min x, min y, max x, max y)`` (``meta["bbox_source"]
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .pairs import (
+from .fields import (
     AnnotationError,
     DatasetNotFoundError,
     ImageChecker,
-    KeypointPair,
-    PairDataset,
     data_root_hint,
     find_dataset_root,
+    read_csv,
 )
+from .pairs import KeypointPair, PairDataset, checked_dataset
 
 __all__ = ["PF_WILLOW_CATEGORIES", "load_pf_willow"]
 
@@ -81,12 +80,16 @@ def _extent(points: np.ndarray) -> tuple[float, float, float, float]:
     return (float(low[0]), float(low[1]), float(high[0]), float(high[1]))
 
 
-def load_pf_willow(root: str | os.PathLike[str]) -> PairDataset:
+def load_pf_willow(
+    root: str | os.PathLike[str], *, allow_outside_root: bool = False
+) -> PairDataset:
     """Load the PF-WILLOW test pairs from the released layout (see the module docstring).
 
     Args:
         root: the ``PF-dataset`` (or ``PF-WILLOW``) folder holding the sub-class folders, or its
             parent; the pair CSV may sit in either.
+        allow_outside_root: follow ``<subclass>/<image>`` names that lead outside the image
+            folder (``../x.png``); refused by default.
 
     Returns:
         A :class:`PairDataset` in CSV order; ``category`` is the sub-class folder name
@@ -96,15 +99,15 @@ def load_pf_willow(root: str | os.PathLike[str]) -> PairDataset:
 
     Raises:
         DatasetNotFoundError: the folder or the CSV is missing.
-        AnnotationError: a malformed CSV row (names the file, row and column).
+        AnnotationError: a malformed CSV row (names the file, row and column), an image
+            outside the image folder, a point outside its image, or no pair with a keypoint.
         ImageNotFoundError: an image named by the CSV is missing.
     """
     dataset_dir = find_dataset_root(
         root, ["PF-dataset", "PF-WILLOW", "pf-willow"], _looks_like_willow, _DATASET, _LAYOUT
     )
     csv_path = _find_csv(Path(root).expanduser(), dataset_dir)
-    with csv_path.open(newline="", encoding="utf-8") as handle:
-        rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    rows = read_csv(csv_path, "PF-WILLOW pair list")
     if not rows:
         raise AnnotationError(f"{csv_path}: empty file; expected a header and one row per pair.")
     header, rows = rows[0], rows[1:]
@@ -116,7 +119,7 @@ def load_pf_willow(root: str | os.PathLike[str]) -> PairDataset:
         )
     n_points = n_coords // 4
 
-    images = ImageChecker(_DATASET)
+    images = ImageChecker(_DATASET, dataset_dir, allow_outside_root=allow_outside_root)
     pairs = []
     for number, row in enumerate(rows, start=2):  # row 1 is the header
         where = f"{csv_path} row {number}"
@@ -160,4 +163,4 @@ def load_pf_willow(root: str | os.PathLike[str]) -> PairDataset:
                 origin=where,
             )
         )
-    return PairDataset(pairs, name="pf-willow")
+    return checked_dataset(pairs, name="pf-willow", source=csv_path)

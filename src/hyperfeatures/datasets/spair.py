@@ -20,12 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .pairs import (
+from .fields import (
     AnnotationError,
     DatasetNotFoundError,
     ImageChecker,
-    KeypointPair,
-    PairDataset,
     data_root_hint,
     find_dataset_root,
     parse_bbox,
@@ -33,8 +31,8 @@ from .pairs import (
     parse_size,
     read_json,
     require_field,
-    sample_per_category,
 )
+from .pairs import KeypointPair, PairDataset, checked_dataset, sample_per_category
 
 __all__ = ["SPAIR_CATEGORIES", "SPAIR_SPLITS", "load_spair"]
 
@@ -130,16 +128,22 @@ def _parse_pair(
                 f"{len(src_points)} keypoints."
             )
     image_dir = root / "JPEGImages" / category
+    files, sizes = {}, {}
+    for side, prefix in (("source", "src"), ("target", "trg")):
+        name_field, size_field = f"{prefix}_imname", f"{prefix}_imsize"
+        files[side] = images.require(image_dir / names[name_field], path, name_field)
+        stated = parse_size(data.get(size_field), path, size_field)
+        sizes[side] = images.size(files[side], path, name_field, stated, size_field)
     return KeypointPair(
-        source_path=images.require(image_dir / names["src_imname"], path, "src_imname"),
-        target_path=images.require(image_dir / names["trg_imname"], path, "trg_imname"),
+        source_path=files["source"],
+        target_path=files["target"],
         source_points=src_points,
         target_points=trg_points,
         category=category,
         source_bbox=parse_bbox(data.get("src_bndbox"), path, "src_bndbox"),
         target_bbox=parse_bbox(data.get("trg_bndbox"), path, "trg_bndbox"),
-        source_size=parse_size(data.get("src_imsize"), path, "src_imsize"),
-        target_size=parse_size(data.get("trg_imsize"), path, "trg_imsize"),
+        source_size=sizes["source"],
+        target_size=sizes["target"],
         pair_id=path.stem,
         meta=meta,
         origin=str(path),
@@ -152,6 +156,8 @@ def load_spair(
     categories: str | Iterable[str] | None = None,
     per_category: int | None = None,
     seed: int = 0,
+    *,
+    allow_outside_root: bool = False,
 ) -> PairDataset:
     """Load SPair-71k pairs from the released layout.
 
@@ -168,17 +174,22 @@ def load_spair(
             published list, load it with :func:`~hyperfeatures.datasets.load_pair_list`.
         seed: sampling seed (non-negative). The draw is deterministic for a seed and does not
             depend on directory listing order or on the other categories requested.
+        allow_outside_root: follow image names that lead outside the dataset folder (``..``,
+            absolute paths); refused by default.
 
     Returns:
         A :class:`PairDataset` ordered by category, then pair id (the JSON file stem). Points
-        are ``(x, y)`` pixels of the original images; sizes ``(W, H)`` and boxes come from
-        the annotation (``src_imsize`` is ``[W, H, C]``). ``meta`` holds ``split``, ``kps_ids``,
+        are ``(x, y)`` pixels of the original images; boxes come from the annotation, sizes
+        ``(W, H)`` from the image headers, which must agree with the annotated ``src_imsize``
+        / ``trg_imsize`` (``[W, H, C]``). ``meta`` holds ``split``, ``kps_ids``,
         ``viewpoint_variation``, ``scale_variation``, ``truncation``, ``occlusion``, ``mirror``,
         ``src_pose``, ``trg_pose`` where present.
 
     Raises:
         DatasetNotFoundError: the folders are missing (the message shows the layout).
-        AnnotationError: a pair file is malformed (names the file and the field).
+        AnnotationError: a pair file is malformed (names the file and the field), states an
+            image size other than the image's, names an image outside the dataset folder, or
+            no selected pair has a keypoint.
         ImageNotFoundError: an image named by a pair file is missing.
         ValueError: unknown split or category.
     """
@@ -229,11 +240,11 @@ def load_spair(
     else:
         selected.sort(key=lambda i: keys[i])
 
-    images = ImageChecker(_DATASET)
+    images = ImageChecker(_DATASET, root, allow_outside_root=allow_outside_root)
     pairs = []
     for index in selected:
         path, subset = files[index]
         data = parsed[path] if path in parsed else read_json(path)
         pairs.append(_parse_pair(path, data, root, subset, images))
     name = f"spair-{split}" + (f"-{per_category}pc-seed{seed}" if per_category else "")
-    return PairDataset(pairs, name=name)
+    return checked_dataset(pairs, name=name, source=root / "PairAnnotation")

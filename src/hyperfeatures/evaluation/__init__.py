@@ -4,7 +4,7 @@
   source + taps + a descriptor head, built by one factory (:func:`create_method`).
 - :mod:`~hyperfeatures.evaluation.runner`: :func:`evaluate` (the loop) and :func:`match_pair`.
 - :mod:`~hyperfeatures.evaluation.report`: :class:`EvalResult` (tables, JSON / CSV files,
-  figures).
+  figures, the manifest), :func:`check_output_dir` (an output folder checked before any work).
 
 Datasets come from :func:`hyperfeatures.datasets.load_dataset` only.
 
@@ -17,7 +17,8 @@ cosine similarity, scaled back to the original target image
 lies within ``alpha * max(W, H)`` of the ground truth, for the whole target image (``img``) and
 for the target bounding box (``bbox``); figures are pooled over all keypoints of all pairs (the
 paper's number) and averaged per pair, per category and overall
-(:class:`~hyperfeatures.metrics.PCKAccumulator`).
+(:class:`~hyperfeatures.metrics.PCKAccumulator`). Pairs without keypoints are counted, not
+scored; a dataset in which no pair has a keypoint is refused.
 
 Example::
 
@@ -32,27 +33,79 @@ Example::
 
 from __future__ import annotations
 
-from .methods import (
-    METHODS,
-    DescriptorMethod,
-    Method,
-    MethodSpec,
-    create_method,
-    list_methods,
-    method_settings,
-    method_spec,
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .report import (
+    FIGURE_KEYPOINTS,
+    FIGURE_PAIRS,
+    MAX_FIGURE_KEYPOINTS,
+    MAX_FIGURES,
+    EvalResult,
+    OutputExistsError,
+    PairPrediction,
+    check_output_dir,
 )
-from .report import EvalResult, PairPrediction
-from .runner import DescriptorCache, evaluate, match_pair
+
+if TYPE_CHECKING:
+    from .methods import (
+        METHODS,
+        DescriptorMethod,
+        Method,
+        MethodSpec,
+        create_method,
+        list_methods,
+        method_settings,
+        method_spec,
+    )
+    from .runner import DescriptorCache, check_pairs, evaluate, match_pair
+
+# names imported on first use (they need torch): the command line imports this package's
+# light parts (limits, output-folder checks) without paying for torch at start-up
+_LAZY = {
+    "METHODS": "methods",
+    "DescriptorMethod": "methods",
+    "Method": "methods",
+    "MethodSpec": "methods",
+    "create_method": "methods",
+    "list_methods": "methods",
+    "method_settings": "methods",
+    "method_spec": "methods",
+    "DescriptorCache": "runner",
+    "check_pairs": "runner",
+    "evaluate": "runner",
+    "match_pair": "runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
+    "FIGURE_KEYPOINTS",
+    "FIGURE_PAIRS",
+    "MAX_FIGURES",
+    "MAX_FIGURE_KEYPOINTS",
     "METHODS",
     "DescriptorCache",
     "DescriptorMethod",
     "EvalResult",
     "Method",
     "MethodSpec",
+    "OutputExistsError",
     "PairPrediction",
+    "check_output_dir",
+    "check_pairs",
     "create_method",
     "evaluate",
     "list_methods",

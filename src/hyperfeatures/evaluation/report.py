@@ -1,14 +1,25 @@
 """Results of an evaluation run: per-pair predictions, PCK tables, files and figures.
 
 :class:`EvalResult` holds what :func:`~hyperfeatures.evaluation.evaluate` produced and writes
-``results.json``, ``per_category.csv``, ``predictions.json`` and ``figures/pair_XXX.png``.
+``results.json``, ``per_category.csv``, ``predictions.json``, ``figures/pair_XXX.png`` and
+``manifest.json`` (the list of files the run wrote).
+
+An output folder is checked before any work (:func:`check_output_dir`): files of this tool's
+names that it did not write are never replaced, the results of an earlier run are replaced
+only on request, and then the earlier run's files this run does not rewrite (figures of more
+pairs ...) are removed. Figures are bounded: :data:`FIGURE_PAIRS` pairs by default and at most
+:data:`FIGURE_KEYPOINTS` keypoints per figure (evenly thinned).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
+import shutil
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +27,181 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .._io import atomic_write_text
-from ..datasets import load_image
-from ..metrics import PCKAccumulator
+from .._io import JSONFileError, atomic_write_text, read_json
 
 if TYPE_CHECKING:
     from rich.table import Table
 
-__all__ = ["EvalResult", "PairPrediction"]
+    from ..metrics import PCKAccumulator
+
+__all__ = [
+    "FIGURE_KEYPOINTS",
+    "FIGURE_PAIRS",
+    "MANIFEST_FILE",
+    "MAX_FIGURES",
+    "MAX_FIGURE_KEYPOINTS",
+    "RESULT_FILES",
+    "EvalResult",
+    "OutputExistsError",
+    "PairPrediction",
+    "check_output_dir",
+    "count_drawn",
+]
+
+_log = logging.getLogger(__name__)
+
+FIGURE_PAIRS = 5
+"""Correspondence figures drawn by default: the first N pairs (``eval --figures``)."""
+
+MAX_FIGURES = 1000
+"""Most correspondence figures one run may draw (each takes about a second)."""
+
+FIGURE_KEYPOINTS = 50
+"""Most keypoints drawn in one figure by default, evenly thinned (``eval --figure-points``)."""
+
+MAX_FIGURE_KEYPOINTS = 1000
+"""Largest accepted keypoints-per-figure bound."""
+
+RESULT_FILES = ("results.json", "per_category.csv", "predictions.json")
+"""Files of one run, besides the figures and the manifest."""
+
+MANIFEST_FILE = "manifest.json"
+"""The list of files a run wrote (written last): tells this tool's files from a user's."""
+
+FIGURES_FOLDER = "figures"
+_FIGURE_NAME = re.compile(r"pair_\d{3,}\.png")
+_MANIFEST_TOOL = "hyperfeatures eval"
+_MANIFEST_MAX_BYTES = 16 * 2**20
+
+# how each result file of this tool begins (recognises files written before manifests existed)
+_SIGNATURES = {
+    "results.json": b'{\n  "hyperfeatures_version": ',
+    "predictions.json": b'{"dataset": ',
+    "per_category.csv": b"category,pairs,keypoints,",
+}
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder holds an earlier run's results (and replacing them was not asked for),
+    or a file of this tool's names that this tool did not write."""
+
+
+# =========================================================================== output folder
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(len(prefix)) == prefix
+    except OSError:
+        return False
+
+
+def _manifest_files(path: Path) -> list[str] | None:
+    """The files listed by this tool's manifest at ``path``; ``None`` if it is not ours."""
+    try:
+        if path.stat().st_size > _MANIFEST_MAX_BYTES:
+            return None
+        data = read_json(path, what="manifest")
+    except (OSError, JSONFileError):
+        return None
+    if not isinstance(data, dict) or data.get("tool") != _MANIFEST_TOOL:
+        return None
+    files = data.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return [f for f in files if _is_result_name(f)]
+
+
+def _is_result_name(rel: str) -> bool:
+    """Whether ``rel`` (relative, ``/``-separated) is a name this tool writes."""
+    if rel in RESULT_FILES:
+        return True
+    parts = rel.split("/")
+    return len(parts) == 2 and parts[0] == FIGURES_FOLDER and bool(_FIGURE_NAME.fullmatch(parts[1]))
+
+
+def _rel(path: Path, out: Path) -> str:
+    return path.relative_to(out).as_posix()
+
+
+def check_output_dir(
+    out_dir: str | os.PathLike[str], *, overwrite: bool, flags: bool = False
+) -> list[Path]:
+    """Check an output folder before any work; returns the earlier run's files in it.
+
+    Nothing is written. A missing folder (whose parents can be created) or one without
+    results is fine. Files of this tool's names (:data:`RESULT_FILES`, :data:`MANIFEST_FILE`,
+    ``figures/pair_XXX.png``) are this tool's when the manifest lists them or their content
+    starts like this tool's files; such files are an earlier run's results.
+
+    Args:
+        out_dir: the output folder.
+        overwrite: whether an earlier run's results may be replaced.
+        flags: word messages with the ``eval`` command's flags (``--out``, ``--overwrite``)
+            instead of the Python keywords.
+
+    Returns:
+        The earlier run's files (this tool's; only with ``overwrite``).
+
+    Raises:
+        OutputExistsError: results of an earlier run without ``overwrite``; a file of this
+            tool's names that it did not write (always: move it away or choose another folder).
+        NotADirectoryError: ``out_dir`` (or a parent) is a file.
+    """
+    from ..viz._common import check_creatable_parent
+
+    out = Path(out_dir).expanduser()
+    label = f"--out {out}" if flags else f"output folder {out}"
+    again = "choose another --out" if flags else "choose another output folder"
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{label} is a file; give a folder for the results")
+    check_creatable_parent(out, what="--out" if flags else "output folder")
+    if not out.is_dir():
+        return []
+    figures = out / FIGURES_FOLDER
+    if figures.exists() and not figures.is_dir():
+        raise OutputExistsError(
+            f"{label}: {figures} is a file, but the figures go into a folder of that name; "
+            f"move it away or {again}"
+        )
+
+    def foreign(path: Path) -> OutputExistsError:
+        return OutputExistsError(
+            f"{label}: {path} was not written by `hyperfeatures eval` (it has the name of one "
+            f"of its result files); move it away or {again}"
+        )
+
+    ours: list[Path] = []
+    manifest = out / MANIFEST_FILE
+    listed: set[str] = set()
+    if manifest.exists():
+        files = _manifest_files(manifest)
+        if files is None:
+            raise foreign(manifest)
+        listed = set(files)
+    for name in RESULT_FILES:
+        path = out / name
+        if not path.exists():
+            continue
+        if name not in listed and not (path.is_file() and _starts_with(path, _SIGNATURES[name])):
+            raise foreign(path)
+        ours.append(path)
+    if figures.is_dir():
+        results_are_ours = (out / "results.json") in ours
+        for path in sorted(figures.iterdir()):
+            if not _FIGURE_NAME.fullmatch(path.name):
+                continue  # a user's file: never touched
+            if not path.is_file() or (_rel(path, out) not in listed and not results_are_ours):
+                raise foreign(path)
+            ours.append(path)
+    if manifest.exists():
+        ours.append(manifest)
+    if ours and not overwrite:
+        names = ", ".join(_rel(p, out) for p in ours[:3]) + (", ..." if len(ours) > 3 else "")
+        how = "pass --overwrite to replace them" if flags else "pass overwrite=True"
+        raise OutputExistsError(
+            f"{label} already holds the results of an earlier run ({names}); {how}, or {again}"
+        )
+    return ours
 
 
 # =========================================================================== results
@@ -123,6 +301,8 @@ class EvalResult:
         timing: seconds and bytes (see :func:`~hyperfeatures.evaluation.evaluate`).
         dataset_pairs: pairs in the dataset before ``max_pairs``.
         figures: figures :meth:`write` draws by default (the first N pairs).
+        settings: run settings stored in ``results.json`` (``max_pairs``, ``bbox``).
+        empty_pairs: ids of the pairs without keypoints: not scored, only counted.
     """
 
     dataset: str
@@ -135,6 +315,7 @@ class EvalResult:
     dataset_pairs: int
     figures: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
+    empty_pairs: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ figures
     @property
@@ -185,9 +366,15 @@ class EvalResult:
             parts.append(text)
         overall = self.summary["overall"]
         t = self.timing
+        skipped = (
+            f" ({len(self.empty_pairs)} pair{'s' if len(self.empty_pairs) > 1 else ''} without "
+            "keypoints not scored)"
+            if self.empty_pairs
+            else ""
+        )
         return (
-            f"{'; '.join(parts)} over {overall['pairs']} pairs, {overall['keypoints']} keypoints; "
-            f"{t['seconds_per_pair']:.3f} s per pair, descriptor "
+            f"{'; '.join(parts)} over {overall['pairs']} pairs, {overall['keypoints']} keypoints"
+            f"{skipped}; {t['seconds_per_pair']:.3f} s per pair, descriptor "
             f"{_fmt_bytes(t['descriptor_bytes'])} "
             f"({_fmt_bytes(t['descriptor_bytes_at_match_size'])} at {self.match_size} px)"
         )
@@ -264,6 +451,8 @@ class EvalResult:
                 "name": self.dataset,
                 "pairs_evaluated": len(self.predictions),
                 "pairs_in_dataset": self.dataset_pairs,
+                "pairs_without_keypoints": len(self.empty_pairs),
+                "pair_ids_without_keypoints": list(self.empty_pairs),
             },
             "method": self.method,
             "settings": {
@@ -280,27 +469,104 @@ class EvalResult:
         }
 
     def write(
-        self, out_dir: str | os.PathLike[str], *, figures: int | None = None
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        figures: int | None = None,
+        figure_points: int = FIGURE_KEYPOINTS,
+        overwrite: bool = True,
     ) -> dict[str, Any]:
-        """Write the results under ``out_dir`` (created), every file atomically.
+        """Write the results under ``out_dir`` (created).
 
         Files: ``results.json`` (:meth:`to_json`), ``per_category.csv`` (rows of the table),
-        ``predictions.json`` (per-pair points, scores, correctness) and
-        ``figures/pair_000.png`` ... for the first ``figures`` pairs (default :attr:`figures`).
+        ``predictions.json`` (per-pair points, scores, correctness),
+        ``figures/pair_000.png`` ... for the first ``figures`` pairs (default :attr:`figures`)
+        and, last, ``manifest.json`` listing them. Everything is drawn and written into a
+        hidden folder inside ``out_dir`` first and moved into place only when all of it
+        succeeded: a failure leaves ``out_dir`` as it was. The folder is checked first
+        (:func:`check_output_dir`): with ``overwrite`` an earlier run's files that this run
+        does not rewrite (figures of more pairs ...) are removed afterwards; files of this
+        tool's names that it did not write are never replaced.
+
+        Args:
+            out_dir: the output folder.
+            figures: figures drawn (the first N pairs; at most :data:`MAX_FIGURES`).
+            figure_points: most keypoints drawn per figure, evenly thinned.
+            overwrite: replace the results of an earlier run (else refuse them).
 
         Returns:
             ``{"results": Path, "per_category": Path, "predictions": Path,
-            "figures": [Path, ...]}``.
+            "figures": [Path, ...], "manifest": Path, "figures_thinned": int}``
+            (``figures_thinned``: figures that show only ``figure_points`` of their
+            keypoints).
+
+        Raises:
+            OutputExistsError, NotADirectoryError: see :func:`check_output_dir`.
+            ValueError: a figure count or bound out of range.
         """
-        out = Path(out_dir).expanduser()
-        if out.exists() and not out.is_dir():
-            raise NotADirectoryError(f"--out {out} is a file; give a folder for the results")
-        out.mkdir(parents=True, exist_ok=True)
-        written: dict[str, Any] = {}
-        written["results"] = atomic_write_text(
-            out / "results.json", json.dumps(self.to_json(), indent=2) + "\n"
+        count = _check_count(
+            self.figures if figures is None else figures, "figures", 0, MAX_FIGURES
         )
-        written["per_category"] = self.accumulator.to_csv(out / "per_category.csv")
+        figure_points = _check_count(figure_points, "figure_points", 1, MAX_FIGURE_KEYPOINTS)
+        out = Path(out_dir).expanduser()
+        previous = check_output_dir(out, overwrite=overwrite)
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        staging = out / f".hyperfeatures-eval-{uuid.uuid4().hex}.tmp"
+        try:
+            staging.mkdir()
+            names = self._write_files(staging, count, figure_points)
+            for rel in names:
+                final = out / rel
+                final.parent.mkdir(exist_ok=True)
+                os.replace(staging / rel, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a failed first run leaves no empty folder behind
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        fresh = {out / rel for rel in names}
+        for path in previous:
+            if path not in fresh and path.name != MANIFEST_FILE:
+                path.unlink(missing_ok=True)
+        figures_dir = out / FIGURES_FOLDER
+        had_figures = any(path.parent == figures_dir for path in previous)
+        if had_figures and figures_dir.is_dir() and not any(figures_dir.iterdir()):
+            figures_dir.rmdir()  # emptied of an earlier run's figures
+        drawn = count_drawn(len(self.predictions), count)
+        if drawn < len(self.predictions):
+            _log.info(
+                "figures drawn for %d of %d pairs (figures=%d)", drawn, len(self.predictions), count
+            )
+        manifest = {
+            "tool": _MANIFEST_TOOL,
+            "hyperfeatures_version": _version(),
+            "files": names,
+            "figures": {
+                "drawn": drawn,
+                "pairs": len(self.predictions),
+                "max_keypoints": figure_points,
+            },
+        }
+        written: dict[str, Any] = {
+            "results": out / "results.json",
+            "per_category": out / "per_category.csv",
+            "predictions": out / "predictions.json",
+            "figures": [out / rel for rel in names if rel.startswith(f"{FIGURES_FOLDER}/")],
+            "manifest": atomic_write_text(
+                out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n"
+            ),
+            "figures_thinned": sum(
+                1 for pred in self.predictions[:drawn] if len(pred.source_points) > figure_points
+            ),
+        }
+        return written
+
+    def _write_files(self, folder: Path, count: int, figure_points: int) -> list[str]:
+        """Write every file of a run under ``folder``; their paths relative to it."""
+        atomic_write_text(folder / "results.json", json.dumps(self.to_json(), indent=2) + "\n")
+        self.accumulator.to_csv(folder / "per_category.csv")
         predictions = {
             "dataset": self.dataset,
             "method": self.method.get("method"),
@@ -309,42 +575,82 @@ class EvalResult:
             "points": "(x, y) pixels of the original images",
             "pairs": [p.to_dict(self.alphas) for p in self.predictions],
         }
-        written["predictions"] = atomic_write_text(
-            out / "predictions.json", json.dumps(predictions) + "\n"
-        )
-        count = self.figures if figures is None else figures
-        written["figures"] = self.write_figures(out / "figures", count)
-        return written
+        atomic_write_text(folder / "predictions.json", json.dumps(predictions) + "\n")
+        drawn = self.write_figures(folder / FIGURES_FOLDER, count, figure_points=figure_points)
+        return [*RESULT_FILES, *(_rel(path, folder) for path in drawn)]
 
-    def write_figures(self, folder: str | os.PathLike[str], count: int) -> list[Path]:
+    def write_figures(
+        self,
+        folder: str | os.PathLike[str],
+        count: int,
+        *,
+        figure_points: int = FIGURE_KEYPOINTS,
+    ) -> list[Path]:
         """Draw ``figures/pair_XXX.png`` for the first ``count`` pairs (source keypoints, their
-        predictions coloured correct / wrong at the first alpha, ground truth as crosses)."""
+        predictions coloured correct / wrong at the first alpha, ground truth as crosses).
+
+        At most ``figure_points`` keypoints are drawn per figure (evenly spaced over the
+        pair's keypoints; the title gives the pair's full count and how many are shown).
+        """
+        from ..datasets import load_image
         from ..viz import plot_correspondences
 
+        count = _check_count(count, "figures", 0, MAX_FIGURES)
+        figure_points = _check_count(figure_points, "figure_points", 1, MAX_FIGURE_KEYPOINTS)
         folder = Path(folder)
         paths = []
         kind = "bbox" if self.has_bbox else "img"
-        for index, pred in enumerate(self.predictions[: max(0, count)]):
+        for index, pred in enumerate(self.predictions[:count]):
             flags = pred.correct_bbox if pred.correct_bbox is not None else pred.correct_img
             correct = flags[0]
+            keep = _thin(len(correct), figure_points)
+            shown = "" if keep.size == len(correct) else f", {keep.size} shown"
             title = (
                 f"{pred.pair_id} ({pred.category}): PCK@{self.alphas[0]:g} {kind} "
-                f"{int(correct.sum())}/{len(correct)}"
+                f"{int(correct.sum())}/{len(correct)}{shown}"
             )
             context = f"figure of pair {pred.pair_id!r}"
             path = folder / f"pair_{index:03d}.png"
             plot_correspondences(
                 load_image(pred.source_path, context=context),
                 load_image(pred.target_path, context=context),
-                pred.source_points,
-                pred.predicted_points,
-                gt_points=pred.target_points,
-                correct=correct,
+                pred.source_points[keep],
+                pred.predicted_points[keep],
+                gt_points=pred.target_points[keep],
+                correct=correct[keep],
                 out=path,
                 title=title,
             )
             paths.append(path)
         return paths
+
+
+def count_drawn(pairs: int, figures: int) -> int:
+    """Figures a run draws: ``figures``, or fewer when there are fewer pairs."""
+    return max(0, min(pairs, figures))
+
+
+def _thin(n: int, most: int) -> np.ndarray:
+    """Indices of at most ``most`` of ``n`` items, evenly spaced, first and last included."""
+    if n <= most:
+        return np.arange(n)
+    return np.unique(np.round(np.linspace(0, n - 1, most)).astype(np.int64))
+
+
+def _check_count(value: Any, name: str, low: int, high: int) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or not low <= value <= high
+    ):
+        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    return int(value)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def _fmt_pct(value: float | None) -> str:

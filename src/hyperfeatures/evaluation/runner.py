@@ -23,14 +23,21 @@ from .._progress import progress_bar
 from ..correspond import match_points_with_scores
 from ..datasets import KeypointPair, PairDataset, load_image
 from ..metrics import PCKAccumulator
-from .report import EvalResult, PairPrediction
+from .report import (
+    FIGURE_KEYPOINTS,
+    MAX_FIGURE_KEYPOINTS,
+    MAX_FIGURES,
+    EvalResult,
+    PairPrediction,
+    check_output_dir,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from .methods import Method
 
-__all__ = ["DescriptorCache", "evaluate", "match_pair"]
+__all__ = ["DescriptorCache", "check_pairs", "evaluate", "match_pair"]
 
 
 def _sync(x: torch.Tensor) -> None:
@@ -161,6 +168,39 @@ def _checked_pairs(
     return pairs, dataset_name, dataset_pairs
 
 
+def _without_keypoints(
+    pairs: Sequence[KeypointPair], ids: Sequence[str], dataset_name: str, max_pairs: int | None
+) -> list[int]:
+    """Positions of the pairs without keypoints; refuses a run where no pair has one."""
+    empty = [i for i, pair in enumerate(pairs) if pair.num_points == 0]
+    if len(empty) == len(pairs):
+        which = (
+            f"none of the first {len(pairs)} pair(s)"
+            if max_pairs is not None
+            else f"none of its {len(pairs)} pair(s)"
+        )
+        example = pairs[0].origin or f"pair {ids[0]!r}"
+        raise ValueError(
+            f"dataset {dataset_name!r}: {which} has a keypoint, so there is nothing to score "
+            f"(e.g. {example}); check the dataset's annotation files"
+        )
+    return empty
+
+
+def check_pairs(
+    dataset: PairDataset | Sequence[KeypointPair], *, max_pairs: int | None = None
+) -> int:
+    """Check, before any work, the pairs :func:`evaluate` would score; returns how many of them
+    have no keypoints (those are counted, not scored).
+
+    Raises:
+        ValueError: no pairs, an item that is not a :class:`KeypointPair`, a bad ``max_pairs``,
+            or no pair with a keypoint (the message names the dataset).
+    """
+    pairs, dataset_name, _ = _checked_pairs(dataset, max_pairs)
+    return len(_without_keypoints(pairs, _unique_pair_ids(pairs), dataset_name, max_pairs))
+
+
 def _unique_pair_ids(pairs: Sequence[KeypointPair]) -> list[str]:
     """The pairs' ids, prefixed with their position when some repeat."""
     ids = [p.pair_id for p in pairs]
@@ -274,6 +314,8 @@ def evaluate(
     cache_items: int = 64,
     cache_bytes: int | None = 2 * 2**30,
     console: Console | None = None,
+    figure_points: int = FIGURE_KEYPOINTS,
+    overwrite: bool = True,
 ) -> EvalResult:
     """Score a method on keypoint pairs with the paper's PCK protocol.
 
@@ -291,10 +333,17 @@ def evaluate(
         alphas: PCK alphas (0.1 in the paper).
         max_pairs: evaluate only the first N pairs.
         progress: show a progress bar.
-        figures: correspondence figures written for the first N pairs (with ``out_dir``).
-        out_dir: if given, :meth:`EvalResult.write` writes the results there.
+        figures: correspondence figures written for the first N pairs (with ``out_dir``; at
+            most :data:`~hyperfeatures.evaluation.report.MAX_FIGURES`).
+        out_dir: if given, :meth:`EvalResult.write` writes the results there; the folder is
+            checked before any work (:func:`~hyperfeatures.evaluation.report.check_output_dir`).
         cache_items, cache_bytes: bounds of the descriptor cache.
         console: rich console of the progress bar (default: a new one on stderr).
+        figure_points: most keypoints drawn per figure (evenly thinned).
+        overwrite: with ``out_dir``, replace the results of an earlier run there.
+
+    Pairs without keypoints are not scored: their ids are in ``EvalResult.empty_pairs`` (and
+    counted in ``results.json``); a run where no pair has a keypoint is refused.
 
     Returns:
         An :class:`EvalResult`. Its ``timing`` holds ``seconds_per_pair`` (two fresh
@@ -306,18 +355,34 @@ def evaluate(
         float32, what the matching holds).
 
     Raises:
-        ValueError: bad arguments, an empty dataset, descriptors of the wrong shape or with
-            NaN; ImageLoadError / ImageNotFoundError naming the image that failed.
+        ValueError: bad arguments, an empty dataset, a dataset without keypoints, descriptors
+            of the wrong shape or with NaN; ImageLoadError / ImageNotFoundError naming the
+            image that failed.
+        OutputExistsError: ``out_dir`` holds results and ``overwrite`` is false, or files of
+            the result names that this tool did not write.
     """
     match_size = _as_positive_int(
         method.match_size if match_size is None else match_size, "match_size"
     )
     figures = _as_positive_int(figures, "figures", allow_zero=True)
+    if figures > MAX_FIGURES:
+        raise ValueError(f"figures must be at most {MAX_FIGURES}, got {figures}")
+    figure_points = _as_positive_int(figure_points, "figure_points")
+    if figure_points > MAX_FIGURE_KEYPOINTS:
+        raise ValueError(
+            f"figure_points must be at most {MAX_FIGURE_KEYPOINTS}, got {figure_points}"
+        )
     accumulator = PCKAccumulator(alphas)
     alpha_list = accumulator.alphas
     pairs, dataset_name, dataset_pairs = _checked_pairs(dataset, max_pairs)
+    all_ids = _unique_pair_ids(pairs)
+    empty = set(_without_keypoints(pairs, all_ids, dataset_name, max_pairs))
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite=overwrite)
+    empty_ids = [all_ids[i] for i in sorted(empty)]
+    ids = [pid for i, pid in enumerate(all_ids) if i not in empty]
+    pairs = [pair for i, pair in enumerate(pairs) if i not in empty]
     use_bbox = all(p.target_bbox is not None for p in pairs)
-    ids = _unique_pair_ids(pairs)
 
     cache = DescriptorCache(cache_items, cache_bytes)
     predictions: list[PairPrediction] = []
@@ -353,9 +418,10 @@ def evaluate(
         dataset_pairs=dataset_pairs,
         figures=figures,
         settings={"max_pairs": max_pairs, "bbox": use_bbox},
+        empty_pairs=empty_ids,
     )
     if out_dir is not None:
-        result.write(out_dir)
+        result.write(out_dir, figure_points=figure_points, overwrite=overwrite)
     return result
 
 

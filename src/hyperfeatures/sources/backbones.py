@@ -217,7 +217,7 @@ class Backbone(FeatureSource):
         return list_taps(self.unet, size // self.latent_factor)
 
     def resolve_taps(self, taps: str | Sequence[str]) -> list[str]:
-        return list(resolve_taps(self.unet, taps))
+        return list(resolve_taps(self.unet, taps, model=self.name))
 
     @torch.no_grad()
     def encode_prompts(

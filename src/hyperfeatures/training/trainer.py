@@ -23,8 +23,10 @@ The run folder (``train.out``)::
     log.csv                     step, loss, lr, val PCK img / bbox, seconds
     tensorboard/                the same scalars (when tensorboard is installed)
     mixing/step_XXXXXX.png      mixing-weight heat map (layer x step) at each validation
-    checkpoints/step_XXXXXX/    network (save_pretrained) + trainer_state.pt, written
-                                atomically; ``checkpoints/latest`` names the newest
+    checkpoints/step_XXXXXX/    network (save_pretrained) + trainer_state.pt (tensors and
+                                plain types only: resuming reads it with
+                                ``torch.load(weights_only=True)``), written atomically;
+                                ``checkpoints/latest`` names the newest
     best/                       the network of the best validation PCK
     final/                      the network at the end (``HyperfeaturePipeline.from_pretrained``)
 
@@ -36,7 +38,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import numbers
 import os
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -416,27 +420,117 @@ class Trainer:
         return folder
 
     def _load_latest(self) -> None:
-        from ..aggregation import AggregationNetwork
+        """Restore network, optimizer, pair order, step, best and RNG from
+        ``checkpoints/latest``; every problem is one line naming the file and how to go on."""
+        from ..aggregation import AggregationNetwork, CheckpointError
 
         pointer = self.out / "checkpoints" / "latest"
+        fresh = (
+            f"start fresh: run without --resume (with another --out, or after removing {self.out})"
+        )
         if not pointer.is_file():
             raise FileNotFoundError(
                 f"--resume: {pointer} does not exist; no checkpoint of a run in {self.out}"
             )
-        folder = self.out / "checkpoints" / pointer.read_text().strip()
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(
+                f"--resume: {pointer} cannot be read ({type(err).__name__}); write the name of "
+                f"a folder of {pointer.parent} (step_XXXXXX) into it, or {fresh}"
+            ) from None
+        if not re.fullmatch(r"step_\d{1,12}", name):
+            raise CheckpointError(
+                f"--resume: {pointer} names {name[:40]!r}, not a checkpoint folder (step_XXXXXX); "
+                f"write the name of a folder of {pointer.parent} into it, or {fresh}"
+            )
+        folder = self.out / "checkpoints" / name
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"--resume: {pointer} names {name}, but {folder} does not exist; write the name "
+                f"of a folder of {pointer.parent} into it, or {fresh}"
+            )
         saved = AggregationNetwork.from_pretrained(folder)
         if saved.settings != self.unwrapped.settings:
             raise ValueError(
                 f"--resume: {folder} was trained with other settings: "
                 + "; ".join(saved.settings.differences(self.unwrapped.settings))
             )
+        state = _read_trainer_state(folder / STATE_FILE, fresh)
+        path = folder / STATE_FILE
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+            lines = str(err).strip().splitlines()
+            reason = lines[0][:160] if lines else type(err).__name__
+            raise CheckpointError(
+                f"--resume: {path}: the optimizer state does not fit this network ({reason}); "
+                f"{fresh}"
+            ) from None
+        try:
+            self.order.load_state_dict(state["order"])
+        except ValueError as err:
+            raise CheckpointError(f"--resume: {path}: {err}") from None
+        try:
+            torch.random.set_rng_state(state["torch_rng"])
+        except (RuntimeError, TypeError, ValueError):
+            raise CheckpointError(
+                f"--resume: {path}: entry 'torch_rng' is not a torch RNG state; {fresh}"
+            ) from None
         self.unwrapped.load_state_dict(saved.state_dict())
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.order.load_state_dict(state["order"])
-        self.step = int(state["step"])
-        self.best = tuple(state["best"]) if state["best"] is not None else None  # type: ignore[assignment]
-        torch.random.set_rng_state(state["torch_rng"])
+        self.step = state["step"]
+        self.best = state["best"]
+
+
+def _read_trainer_state(path: Path, fresh: str) -> dict[str, Any]:
+    """The trainer state ``path`` (``torch.load(weights_only=True)``: tensors and plain
+    types only), its entries checked; any problem is one ``CheckpointError`` line."""
+    from ..aggregation import CheckpointError, load_torch_file
+
+    try:
+        state = load_torch_file(
+            path,
+            what="trainer state",
+            fix=f"the file is damaged or incomplete; {fresh}",
+            convert="load it there and save its entries again as tensors and plain types",
+            otherwise=fresh,
+        )
+    except CheckpointError as err:
+        raise CheckpointError(f"--resume: {err}") from None
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"holds a {type(state).__name__}, not a dict"
+    elif missing := [k for k in ("step", "optimizer", "order", "torch_rng") if k not in state]:
+        problem = f"lacks the entries {missing}"
+    elif not isinstance(state["step"], numbers.Integral) or isinstance(state["step"], bool):
+        problem = f"entry 'step' is {type(state['step']).__name__}, not an integer"
+    elif state["step"] < 0:
+        problem = f"entry 'step' is negative ({state['step']})"
+    elif not isinstance(state["optimizer"], dict) or not {"state", "param_groups"} <= set(
+        state["optimizer"]
+    ):
+        problem = "entry 'optimizer' is not an optimizer state dict (state, param_groups)"
+    elif not isinstance(state["torch_rng"], torch.Tensor) or state["torch_rng"].dtype != (
+        torch.uint8
+    ):
+        problem = "entry 'torch_rng' is not a uint8 tensor (a torch RNG state)"
+    else:
+        best = state.get("best")
+        if best is not None and not (
+            isinstance(best, list | tuple)
+            and len(best) == 2
+            and isinstance(best[0], numbers.Integral)
+            and isinstance(best[1], numbers.Real)
+        ):
+            problem = "entry 'best' is not [step, pck] or None"
+    if problem is not None:
+        raise CheckpointError(f"--resume: {path}: the trainer state {problem}; {fresh}")
+    best = state.get("best")
+    return {
+        **state,
+        "step": int(state["step"]),
+        "best": (int(best[0]), float(best[1])) if best is not None else None,
+    }
 
 
 # --------------------------------------------------------------------------- helpers

@@ -14,6 +14,8 @@ Conventions:
 * Points are ``(N, 2)`` ``(x, y)`` in pixels of the original image they belong to (x is the
   column, y the row; integer values are pixel centres). NaN marks a missing point.
 * Sizes are ``(W, H)``.
+* :func:`check_figure_path` tells, before any work, whether a figure can be written to a
+  path (a known suffix, not a folder, parent folders that can be created).
 * Every function that writes a file writes a temporary file in the same folder and renames it
   over the target (nothing half-written is ever left), creates missing parent folders, and
   returns the :class:`~pathlib.Path` it wrote. The file format follows the suffix.
@@ -27,7 +29,14 @@ Its modules: :mod:`~hyperfeatures.viz.correspondences` (keypoint plots),
 
 from __future__ import annotations
 
-from ._common import render_figure, save_figure, save_image, to_uint8_image
+from ._common import (
+    check_figure_path,
+    figure_suffixes,
+    render_figure,
+    save_figure,
+    save_image,
+    to_uint8_image,
+)
 from .correspondences import CORRECT_COLOUR, WRONG_COLOUR, plot_correspondences, point_colours
 from .mixing import plot_mixing_weights, short_tap_name
 from .pca import pca_rgb, save_pca_images
@@ -36,6 +45,8 @@ from .warp import overlay_mask, plot_warp
 __all__ = [
     "CORRECT_COLOUR",
     "WRONG_COLOUR",
+    "check_figure_path",
+    "figure_suffixes",
     "overlay_mask",
     "pca_rgb",
     "plot_correspondences",

@@ -22,7 +22,15 @@ from PIL import Image
 
 from .._io import atomic_write
 
-__all__ = ["render_figure", "save_figure", "save_image", "to_uint8_image"]
+__all__ = [
+    "check_creatable_parent",
+    "check_figure_path",
+    "figure_suffixes",
+    "render_figure",
+    "save_figure",
+    "save_image",
+    "to_uint8_image",
+]
 
 ImageLike = Image.Image | torch.Tensor | np.ndarray | str | os.PathLike[str]
 """A PIL image, a channel-first tensor, a channel-last array, or the path of an image file."""
@@ -59,6 +67,82 @@ def _pil_format(path: Path) -> str:
             "give a file name ending in .png (or .jpg, .webp, ...)"
         )
     return formats[suffix]
+
+
+_NATIVE_FIGURE_FORMATS = frozenset({"png", "pdf", "ps", "eps", "svg", "svgz", "raw", "rgba"})
+"""Figure formats matplotlib writes itself; the others (jpg, tiff, webp ...) go through PIL."""
+
+_NEEDS_LATEX = frozenset({"pgf"})
+"""Figure formats that need a LaTeX installation: never offered."""
+
+
+def figure_suffixes() -> tuple[str, ...]:
+    """File suffixes (``".png"`` ...) a figure can be saved as here, sorted: the Agg canvas's
+    formats that need no LaTeX, those written through PIL only when this PIL can write them."""
+    pil_writes = {
+        suffix.lstrip(".")
+        for suffix, fmt in Image.registered_extensions().items()
+        if fmt in Image.SAVE
+    }
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    usable = {
+        fmt
+        for fmt in formats
+        if fmt not in _NEEDS_LATEX and (fmt in _NATIVE_FIGURE_FORMATS or fmt in pil_writes)
+    }
+    return tuple(sorted(f".{fmt}" for fmt in usable))
+
+
+def check_figure_path(path: PathLike, *, what: str = "figure file") -> Path:
+    """Check, before any work, that a figure can be written to ``path``; returns it as a Path.
+
+    Refused: a suffix that is not a figure format (:func:`figure_suffixes`), an existing
+    folder, and a path whose parent folders cannot be created (a file stands where a folder
+    is needed, or the nearest existing folder is not writable). Nothing is created.
+
+    Args:
+        path: the destination, e.g. ``"out/match.png"``.
+        what: words naming the path in messages, e.g. ``"--out match.xyz"``'s ``"--out"``.
+
+    Raises:
+        ValueError: an unknown suffix (the message lists the accepted ones).
+        IsADirectoryError / NotADirectoryError / PermissionError: the path or its parent.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{what} {path} is a folder; give a file path such as {path / 'figure.png'}"
+        )
+    suffixes = figure_suffixes()
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(
+            f"{what} {path}: suffix {path.suffix or '(none)'!r} is not a figure format; give a "
+            f"file name ending in one of {', '.join(suffixes)}"
+        )
+    check_creatable_parent(path, what=what)
+    return path
+
+
+def check_creatable_parent(path: PathLike, *, what: str = "output") -> None:
+    """Check that ``path``'s missing parent folders can be created (nothing is created).
+
+    Raises:
+        NotADirectoryError: a file stands where a parent folder is needed.
+        PermissionError: the nearest existing parent folder is not writable.
+    """
+    path = Path(path).expanduser()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise NotADirectoryError(
+            f"{what} {path}: {ancestor} is a file, not a folder; choose a path in a folder"
+        )
+    if ancestor.is_dir() and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{what} {path}: cannot create files in {ancestor} (no write permission); choose "
+            "another folder"
+        )
 
 
 def save_image(image: ImageLike, path: PathLike) -> Path:
