@@ -122,6 +122,33 @@ def test_second_run_adds_to_the_manifest(tmp_path: Path, images: Path) -> None:
     assert _hidden(out) == []  # no lock or temporary file left behind
 
 
+def test_resume_refuses_a_file_of_another_input_with_the_same_name(
+    tmp_path: Path, images: Path
+) -> None:
+    """``/d1/a.png`` and ``/d2/a.png`` share the key ``a``: --resume must not keep the features
+    of the first for the second; a corrupt existing file is one line too."""
+    out = tmp_path / "out"
+    assert _invoke("extract", str(images / "a.png"), "--out", str(out), *FAST).exit_code == 0
+    meta = read_feature_file(out / "a.safetensors", steps=[], taps=[])[1]
+    assert meta["source_path"] == str((images / "a.png").resolve())
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    _pattern(70, 50, 2.0).save(other / "a.png")
+    result = _invoke("extract", str(other / "a.png"), "--out", str(out), "--resume", *FAST)
+    assert result.exit_code == 2, result.output
+    assert "holds the features of" in result.output and "elsewhere" in result.output
+    assert "Traceback" not in result.output
+    # the same input again (through another spelling of its path) is kept
+    relative = os.path.relpath(images / "a.png")
+    result = _invoke("extract", relative, "--out", str(out), "--resume", *FAST)
+    assert result.exit_code == 0, result.output
+    assert _statuses(out) == {"a": "skipped"}
+    (out / "a.safetensors").write_bytes(b"garbage, not safetensors")
+    result = _invoke("extract", str(images / "a.png"), "--out", str(out), "--resume", *FAST)
+    assert result.exit_code == 2 and "cannot be read" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 def test_items_of_other_settings_keep_theirs(tmp_path: Path, images: Path) -> None:
     out = tmp_path / "out"
     assert _invoke("extract", str(images / "a.png"), "--out", str(out), *FAST).exit_code == 0

@@ -280,6 +280,11 @@ def _our_temp_target(name: str) -> bool:
     return name.endswith((_FEATURES, ".png")) or name == MANIFEST
 
 
+def _absolute(path: Path) -> str:
+    """The input's absolute path (recorded in its feature file; ``--resume`` compares it)."""
+    return str(Path(path).expanduser().resolve())
+
+
 @dataclass
 class ExtractJob:
     """One extraction run (the engine behind ``hyperfeatures extract``).
@@ -392,10 +397,15 @@ class ExtractJob:
         return writer
 
     def _existing(
-        self, writer: DiskWriter, key: str, settings: dict[str, Any]
+        self,
+        writer: DiskWriter,
+        key: str,
+        settings: dict[str, Any],
+        identity: tuple[str, str] | None = None,
     ) -> dict[str, Any] | None:
         """The metadata of the item's file if it exists and may be kept, else ``None``
-        (raises on a conflict)."""
+        (raises on a conflict). ``identity`` is ``(metadata field, value)`` naming the input
+        the file must come from (the image's absolute path, the prompt's text)."""
         path = writer.path_for(key)
         if not path.exists():
             return None
@@ -406,7 +416,21 @@ class ExtractJob:
                 f"{path} already exists; pass --resume to continue an interrupted run or "
                 "--overwrite to replace the files"
             )
-        _maps, meta = read_feature_file(path, steps=[], taps=[])
+        try:
+            _maps, meta = read_feature_file(path, steps=[], taps=[])
+        except Exception as err:  # corrupt or foreign: safetensors raises its own types
+            raise ValueError(
+                f"--resume: {path} cannot be read ({type(err).__name__}: {err}); delete it or "
+                "pass --overwrite"
+            ) from None
+        if identity is not None:
+            field_name, value = identity
+            old_value = meta.get(field_name)
+            if old_value is not None and old_value != value:
+                raise ValueError(
+                    f"--resume: {path} holds the features of {old_value!r}, not of {value!r} "
+                    "(two inputs with the same name?); use another --out folder or --overwrite"
+                )
         diffs = [k for k in _CONTENT_FIELDS if meta.get(k) != settings.get(k)]
         if "settings" in diffs and isinstance(meta.get("settings"), dict):
             old, new = meta["settings"], settings["settings"]
@@ -526,7 +550,7 @@ class ExtractJob:
             settings = writer.metadata
             todo: list[tuple[int, Path, str]] = []
             for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
-                meta = self._existing(writer, k, settings)
+                meta = self._existing(writer, k, settings, ("source_path", _absolute(p)))
                 if meta is None:
                     todo.append((i, p, k))
                     continue
@@ -577,7 +601,10 @@ class ExtractJob:
             }
             writer.begin_batch(
                 [k for _i, _p, k, _img in run],
-                [{"source": str(p), "original_size": list(img.size)} for _i, p, _k, img in run],
+                [
+                    {"source": str(p), "source_path": _absolute(p), "original_size": list(img.size)}
+                    for _i, p, _k, img in run
+                ],
             )
             ex.run([img for *_, img in run], writer, first_index=run[0][0])
             writer.end_batch()
@@ -611,7 +638,7 @@ class ExtractJob:
             settings = writer.metadata
             todo = []
             for i, (prompt, k) in enumerate(zip(prompts, keys, strict=True)):
-                meta = self._existing(writer, k, settings)
+                meta = self._existing(writer, k, settings, ("prompt", prompt))
                 if meta is not None and (self.out / f"{k}.png").exists():
                     entry = {
                         "input": prompt,

@@ -96,6 +96,6 @@ def read_feature_file(
     for k, v in raw_meta.items():
         try:
             meta[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # plain strings, or hostile nesting
             meta[k] = v
     return maps, meta

@@ -10,7 +10,6 @@ where it looked and the fix.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import read_json
 from .architectures import ARCHITECTURES, build_random_modules
 from .backbones import Backbone, Family
 from .base import resolve_device, resolve_dtype
@@ -174,7 +174,7 @@ def _load_pretrained(
 def _read_scheduler_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     local = Path(source) / "scheduler" / "scheduler_config.json"
     if local.is_file():
-        return json.loads(local.read_text())
+        return _scheduler_config(local)
     if Path(source).exists():
         return {}
     from huggingface_hub import hf_hub_download
@@ -183,7 +183,17 @@ def _read_scheduler_config(source: str, kwargs: dict[str, Any]) -> dict[str, Any
         path = hf_hub_download(source, "scheduler_config.json", subfolder="scheduler", **kwargs)
     except Exception:  # a model without a scheduler folder uses the SD defaults
         return {}
-    return json.loads(Path(path).read_text())
+    return _scheduler_config(Path(path))
+
+
+def _scheduler_config(path: Path) -> dict[str, Any]:
+    data = read_json(path, what="scheduler config")
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"scheduler config {path} holds a JSON {type(data).__name__}, not an object; "
+            "restore the model folder's scheduler/scheduler_config.json"
+        )
+    return data
 
 
 def _assemble(

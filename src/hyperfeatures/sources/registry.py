@@ -242,8 +242,9 @@ def _guess_kind(name: str, model_path: str | os.PathLike[str] | None) -> Kind:
                 continue
             if kind == "vit":
                 try:
-                    model_type = json.loads(Path(path).read_text()).get("model_type")
-                except (OSError, ValueError):
+                    config = json.loads(Path(path).read_text())
+                    model_type = config.get("model_type") if isinstance(config, dict) else None
+                except (OSError, ValueError, RecursionError):
                     model_type = None
                 if model_type not in {"vit", "dinov2", "dinov2_with_registers"}:
                     continue
