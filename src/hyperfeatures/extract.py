@@ -303,6 +303,7 @@ class ExtractJob:
     device: str = "cpu"
     dtype: str = "fp32"
     strict: bool = False
+    recursive: bool = False
     resume: bool = False
     overwrite: bool = False
     console: Console | None = None
@@ -536,7 +537,7 @@ class ExtractJob:
 
     def _run_images(self, inputs: Sequence[str | os.PathLike[str]]) -> dict[str, Any]:
         self._check_out()
-        paths = iter_image_paths(list(inputs))
+        paths = iter_image_paths(list(inputs), recursive=self.recursive)
         self._total = len(paths)
         keys = _keys_for(paths)
         self._check_names(keys)

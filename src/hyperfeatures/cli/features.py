@@ -185,6 +185,10 @@ def extract(
             help="Check every image first; stop (exit 2, nothing written) if one is unreadable.",
         ),
     ] = False,
+    recursive: Annotated[
+        bool,
+        typer.Option("--recursive", help="Also take the images in sub-folders of folder inputs."),
+    ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Skip items whose feature file already exists.")
     ] = False,
@@ -232,6 +236,7 @@ def extract(
                     device=device,
                     dtype=dtype,
                     strict=strict,
+                    recursive=recursive,
                     resume=resume,
                     overwrite=overwrite,
                     console=console,

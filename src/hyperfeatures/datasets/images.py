@@ -317,7 +317,10 @@ def _expand_one(
         images = _images_in_folder(path, recursive)
         if not images:
             hint = (
-                "" if recursive else " (images in sub-folders are only found with recursive=True)"
+                ""
+                if recursive
+                else " (sub-folders are searched with --recursive on the command line, "
+                "recursive=True in Python)"
             )
             raise ImageNotFoundError(
                 f"the folder {path}{where} contains no image files "
