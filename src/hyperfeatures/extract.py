@@ -1,4 +1,4 @@
-"""``hyperfeatures extract``: batch feature extraction to disk.
+"""``hyperfeatures extract``: batch feature extraction to disk (the :class:`ExtractJob`).
 
 Writes into ``out``:
 
@@ -9,63 +9,61 @@ Writes into ``out``:
   size (after the EXIF orientation is applied, as image viewers show the photo) or the
   prompt. Each file appears only once complete (temp file, then rename).
 - ``<key>.png`` per prompt: the generated image.
-- ``manifest.json``: ``{"format": "hyperfeatures extract", "settings": {...}, "items": [...]}``
-  with one entry per input (status ``ok``, ``skipped`` (already there, ``resume=True``),
-  ``failed`` with the reason). It is the union of every run into ``out``: a run adds its
-  entries and replaces those of the same key, keeping the others. An entry written with
-  other settings than the top-level ``settings`` carries its own ``settings``. Each update
-  is a read-modify-write under an exclusive lock on ``.manifest.lock`` (concurrent runs into
-  one folder lose no entry), written atomically after every batch. A ``manifest.json`` that
-  is not valid JSON or not one of ours is never replaced: the run stops before any work.
+- ``manifest.json``: one entry per input of every run into ``out``, updated after every
+  batch (:mod:`hyperfeatures.extract_manifest`). A ``manifest.json`` that is not one of ours
+  is never replaced: the run stops before any work.
 
 An interrupted run leaves only complete files; ``resume=True`` skips the inputs whose file
-exists (after checking that everything that shapes its content matches: the settings record,
-the model dtype, storage, output size and process), ``overwrite=True`` replaces them, and with
-neither an existing file is an error. A ``KeyboardInterrupt`` (Ctrl-C, or a signal turned into
-:class:`SignalInterrupt` by :func:`interrupt_on_signals`) saves the manifest with every file
-completed so far and raises :class:`ExtractInterrupted`, which tells what was kept.
+exists (after checking that everything that shapes its content matches), ``overwrite=True``
+replaces them, and with neither an existing file is an error
+(:mod:`hyperfeatures.extract_folder`, which also removes the temporary files of killed runs).
+A ``KeyboardInterrupt`` (Ctrl-C, or a signal turned into :class:`SignalInterrupt` by
+:func:`interrupt_on_signals`) saves the manifest with every file completed so far and raises
+:class:`ExtractInterrupted`, which tells what was kept (:mod:`hyperfeatures.extract_interrupt`).
 
-A process killed outright (``SIGKILL``, a power cut) may leave hidden temporary files
-``.{name}.{32 hex digits}.tmp``. Every run holds a shared lock on ``.extract.lock`` in
-``out`` while it works: a run that finds no other run holding it removes every such file of
-ours (targets ``*.safetensors``, ``*.png``, ``manifest.json``) before it writes anything; a run
-that shares the folder with a live one removes only those untouched for
-:data:`STALE_TEMP_AGE_S` seconds (a file being written is modified continuously). The lock
-files are removed by the last run that leaves.
+Modules: this one holds the job; :mod:`~hyperfeatures.extract_inputs` (prompt files, output
+names, image loading), :mod:`~hyperfeatures.extract_manifest`,
+:mod:`~hyperfeatures.extract_folder` and :mod:`~hyperfeatures.extract_interrupt` hold the
+parts below it and import nothing of it. Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import signal
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.markup import escape
 
-from ._io import (
-    JSONFileError,
-    atomic_write,
-    atomic_write_text,
-    exclusive_lock,
-    read_json,
-    remove_stale_temps,
-    shared_lock,
-)
+from ._io import atomic_write
 from ._progress import progress_bar
-from .cache import read_feature_file
 from .config import Settings, SettingsError
-from .datasets.images import ImageLoadError, iter_image_paths, load_image
+from .datasets.images import ImageLoadError, iter_image_paths
+from .extract_folder import (
+    FEATURES_SUFFIX,
+    check_new_names,
+    check_out_folder,
+    existing_metadata,
+    working_folder,
+)
+from .extract_folder import RUN_LOCK as RUN_LOCK
+from .extract_folder import STALE_TEMP_AGE_S as STALE_TEMP_AGE_S
+from .extract_inputs import absolute_path, consecutive_runs, keys_for, load_input, read_prompts
+from .extract_interrupt import ExtractInterrupted, SignalInterrupt, interrupt_on_signals
+from .extract_manifest import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    ManifestError,
+    merge_manifest,
+    read_manifest,
+    save_manifest,
+)
+from .extract_manifest import MANIFEST_LOCK as MANIFEST_LOCK
 from .pipeline import FeatureExtractor
 from .sinks import DiskWriter
 
@@ -80,209 +78,6 @@ __all__ = [
     "read_manifest",
     "read_prompts",
 ]
-
-# Metadata that determines a file's content: a file made with other values is not resumed.
-_CONTENT_FIELDS = ("settings", "model", "dtype", "storage", "output_size", "mode")
-
-MANIFEST = "manifest.json"
-MANIFEST_LOCK = ".manifest.lock"
-RUN_LOCK = ".extract.lock"
-MANIFEST_FORMAT = "hyperfeatures extract"
-"""The ``format`` field of our manifests (older ones have none and are recognised by shape)."""
-STALE_TEMP_AGE_S = 300.0
-"""Temporary files untouched this long are removed even while another run shares ``out``."""
-_STATUSES = ("ok", "skipped", "failed")
-_FEATURES = ".safetensors"
-
-
-class ManifestError(ValueError):
-    """``manifest.json`` in the output folder is unreadable or belongs to something else."""
-
-
-class SignalInterrupt(KeyboardInterrupt):
-    """A ``KeyboardInterrupt`` raised for a signal (``SIGINT``, ``SIGTERM``): ``signum``."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
-
-
-class ExtractInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C or a signal after saving its manifest.
-
-    Attributes:
-        summary: what :meth:`ExtractJob.run_images` would have returned for the part done
-            (``written``, ``skipped``, ``failed``, ``total``, ``out``, ``manifest``...).
-        signum: the signal (``signal.SIGINT`` for a plain ``KeyboardInterrupt``).
-    """
-
-    def __init__(self, summary: dict[str, Any], signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.summary = summary
-        self.signum = int(signum)
-
-
-@contextmanager
-def interrupt_on_signals(
-    signums: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
-) -> Iterator[None]:
-    """Turn ``signums`` into :class:`SignalInterrupt` in the block (main thread only).
-
-    The first signal raises; later ones are ignored until the block ends, so the interrupted
-    job saves its manifest undisturbed. The previous handlers are restored on exit. Outside
-    the main thread (where Python cannot set handlers) the block runs unchanged.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {s: signal.getsignal(s) for s in signums}
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        for s in signums:
-            signal.signal(s, signal.SIG_IGN)
-        raise SignalInterrupt(signum)
-
-    for s in signums:
-        signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, old in previous.items():
-            signal.signal(s, old if old is not None else signal.SIG_DFL)
-
-
-def read_prompts(path: str | os.PathLike[str]) -> list[str]:
-    """Prompts from a text file: one per line; blank lines and ``#`` comments are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist")
-    prompts = [
-        line.strip()
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and not line.lstrip().startswith("#")
-    ]
-    if not prompts:
-        raise ValueError(f"prompts file {path} holds no prompt (one prompt per line)")
-    return prompts
-
-
-# --------------------------------------------------------------------------- manifest
-def _not_ours(path: Path, why: str) -> ManifestError:
-    return ManifestError(
-        f"{path} is not a manifest of `hyperfeatures extract` ({why}); it belongs to something "
-        "else and is left untouched: choose another --out folder (or move that file away)"
-    )
-
-
-def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The manifest at ``path`` (``None`` if there is none), checked to be one of ours.
-
-    Raises:
-        ManifestError: invalid JSON, or a JSON file of another shape (another tool's).
-    """
-    path = Path(path)
-    if not path.exists():
-        return None
-    try:
-        data = read_json(path, what="manifest")
-    except (JSONFileError, IsADirectoryError) as err:
-        raise ManifestError(
-            f"{err}; it cannot be updated: choose another --out folder, or delete it if it is "
-            "a damaged manifest of an earlier run"
-        ) from None
-    if not isinstance(data, dict):
-        raise _not_ours(path, f"a JSON {type(data).__name__}, not an object")
-    fmt = data.get("format", MANIFEST_FORMAT)
-    if fmt != MANIFEST_FORMAT:
-        raise _not_ours(path, f"its format is {fmt!r}")
-    if not isinstance(data.get("settings"), dict):
-        raise _not_ours(path, "no 'settings' object")
-    items = data.get("items")
-    if not isinstance(items, list):
-        raise _not_ours(path, "no 'items' list")
-    for n, item in enumerate(items):
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("key"), str)
-            or item.get("status") not in _STATUSES
-        ):
-            raise _not_ours(path, f"item {n} is not an entry with a 'key' and a 'status'")
-    return data
-
-
-def merge_manifest(
-    existing: dict[str, Any] | None,
-    settings: dict[str, Any],
-    entries: Sequence[dict[str, Any]],
-) -> dict[str, Any]:
-    """The union of an existing manifest and a run's ``entries``.
-
-    Entries replace the existing item of the same key in place; new keys are appended in
-    order. Existing items made with other settings than ``settings`` keep theirs in an item
-    field ``settings`` (the top-level one describes every item without its own).
-    """
-    old_settings = existing["settings"] if existing else settings
-    items: list[dict[str, Any]] = []
-    index: dict[str, int] = {}
-    for old in existing["items"] if existing else []:
-        item = dict(old)
-        if "settings" not in item and old_settings != settings:
-            item["settings"] = old_settings
-        if item.get("settings") == settings:
-            del item["settings"]
-        index[item["key"]] = len(items)
-        items.append(item)
-    for entry in entries:
-        if entry["key"] in index:
-            items[index[entry["key"]]] = dict(entry)
-        else:
-            index[entry["key"]] = len(items)
-            items.append(dict(entry))
-    return {"format": MANIFEST_FORMAT, "settings": settings, "items": items}
-
-
-# --------------------------------------------------------------------------- helpers
-def _keys_for(paths: Sequence[Path]) -> list[str]:
-    """Output names: the file stem, made unique with the input index when stems repeat."""
-    stems = [re.sub(r"[^A-Za-z0-9._-]", "_", p.stem) or "image" for p in paths]
-    counts: dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    return [s if counts[s] == 1 else f"{s}_{i:05d}" for i, s in enumerate(stems)]
-
-
-def _consecutive_runs(items: Sequence[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
-    """Split ``items`` (tuples whose first field is an input index) into runs of consecutive
-    indices: ``[(0, ..), (1, ..), (3, ..)] -> [[(0, ..), (1, ..)], [(3, ..)]]``."""
-    runs: list[list[tuple[Any, ...]]] = []
-    for item in items:
-        if runs and runs[-1][-1][0] + 1 == item[0]:
-            runs[-1].append(item)
-        else:
-            runs.append([item])
-    return runs
-
-
-def _load(path: Path) -> Image.Image:
-    """The image as viewers show it (EXIF orientation applied); every failure, decompression
-    bombs included, is one :class:`ImageLoadError` naming the file."""
-    try:
-        return load_image(path, exif_transpose=True)
-    except Image.DecompressionBombError as err:
-        raise ImageLoadError(
-            f"refusing {path}: {err} Shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS "
-            "if you trust it."
-        ) from None
-
-
-def _our_temp_target(name: str) -> bool:
-    """Targets whose temporary files a killed run of ours may have left in ``out``."""
-    return name.endswith((_FEATURES, ".png")) or name == MANIFEST
-
-
-def _absolute(path: Path) -> str:
-    """The input's absolute path (recorded in its feature file; ``--resume`` compares it)."""
-    return str(Path(path).expanduser().resolve())
 
 
 @dataclass
@@ -327,28 +122,13 @@ class ExtractJob:
     # ------------------------------------------------------------------ checks
     def _check_out(self) -> None:
         """The output folder is a folder (or absent) and its manifest, if any, is ours."""
-        for folder in (self.out, *self.out.parents):
-            if folder.exists():
-                if not folder.is_dir():
-                    where = "" if folder == self.out else f": {folder}"
-                    raise NotADirectoryError(
-                        f"--out {self.out}{where} is a file, not a folder; give a folder path "
-                        "(it is created if missing)"
-                    )
-                break
-        read_manifest(self.out / MANIFEST)
+        check_out_folder(self.out)
 
     def _check_names(self, keys: Sequence[str]) -> None:
         """Existing feature files need ``resume`` or ``overwrite`` (checked before loading)."""
         if self.resume or self.overwrite:
             return
-        for key in keys:
-            path = self.out / f"{key}{_FEATURES}"
-            if path.exists():
-                raise FileExistsError(
-                    f"{path} already exists; pass --resume to continue an interrupted run or "
-                    "--overwrite to replace the files"
-                )
+        check_new_names(self.out, keys)
 
     def _check_settings(self) -> None:
         """What can be checked without weights: device, dtype, taps and input size of
@@ -407,64 +187,13 @@ class ExtractJob:
         """The metadata of the item's file if it exists and may be kept, else ``None``
         (raises on a conflict). ``identity`` is ``(metadata field, value)`` naming the input
         the file must come from (the image's absolute path, the prompt's text)."""
-        path = writer.path_for(key)
-        if not path.exists():
-            return None
-        if self.overwrite:
-            return None
-        if not self.resume:
-            raise FileExistsError(
-                f"{path} already exists; pass --resume to continue an interrupted run or "
-                "--overwrite to replace the files"
-            )
-        try:
-            _maps, meta = read_feature_file(path, steps=[], taps=[])
-        except Exception as err:  # corrupt or foreign: safetensors raises its own types
-            raise ValueError(
-                f"--resume: {path} cannot be read ({type(err).__name__}: {err}); delete it or "
-                "pass --overwrite"
-            ) from None
-        if identity is not None:
-            field_name, value = identity
-            old_value = meta.get(field_name)
-            if old_value is not None and old_value != value:
-                raise ValueError(
-                    f"--resume: {path} holds the features of {old_value!r}, not of {value!r} "
-                    "(two inputs with the same name?); use another --out folder or --overwrite"
-                )
-        diffs = [k for k in _CONTENT_FIELDS if meta.get(k) != settings.get(k)]
-        if "settings" in diffs and isinstance(meta.get("settings"), dict):
-            old, new = meta["settings"], settings["settings"]
-            diffs = [k for k in diffs if k != "settings"]
-            diffs += [f"{k}: {old.get(k)!r} != {new[k]!r}" for k in new if old.get(k) != new[k]]
-        if diffs:
-            raise ValueError(
-                f"--resume: {path} was written with other settings ({'; '.join(diffs)}); use "
-                "another --out folder or --overwrite"
-            )
-        return meta
-
-    @contextmanager
-    def _working(self) -> Iterator[None]:
-        """Create ``out``, hold the shared run lock and remove stale temporary files."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        removed: list[Path] = []
-
-        def clean_all() -> None:  # no other run is writing here: every leftover is stale
-            removed.extend(remove_stale_temps(self.out, targets=_our_temp_target))
-
-        with shared_lock(self.out / RUN_LOCK, when_alone=clean_all) as alone:
-            if not alone:
-                removed.extend(
-                    remove_stale_temps(self.out, min_age=STALE_TEMP_AGE_S, targets=_our_temp_target)
-                )
-            if removed and self.console is not None:
-                self.console.print(
-                    f"removed {len(removed)} temporary file(s) left by an interrupted run in "
-                    f"{escape(str(self.out))}",
-                    highlight=False,
-                )
-            yield
+        return existing_metadata(
+            writer.path_for(key),
+            settings,
+            identity,
+            resume=self.resume,
+            overwrite=self.overwrite,
+        )
 
     # ------------------------------------------------------------------ bookkeeping
     def _start(self, total: int) -> None:
@@ -479,18 +208,14 @@ class ExtractJob:
     def _collect_written(self, writer: DiskWriter) -> None:
         """Record the files of the current batch that are complete on disk."""
         for path in writer.batch_written:
-            key = path.name.removesuffix(_FEATURES)
+            key = path.name.removesuffix(FEATURES_SUFFIX)
             if key in self._pending:
                 self._add(*self._pending.pop(key))
 
     def _save_manifest(self) -> Path:
         """Merge this run's entries into ``manifest.json`` under the manifest lock."""
-        path = self.out / MANIFEST
         entries = sorted(self._entries.values(), key=lambda e: self._order[e["key"]])
-        with exclusive_lock(self.out / MANIFEST_LOCK):
-            merged = merge_manifest(read_manifest(path), self._record, entries)
-            atomic_write_text(path, json.dumps(merged, indent=2))
-        return path
+        return save_manifest(self.out, self._record, entries)
 
     def _summary(self) -> dict[str, Any]:
         items = list(self._entries.values())
@@ -539,23 +264,28 @@ class ExtractJob:
         self._check_out()
         paths = iter_image_paths(list(inputs), recursive=self.recursive)
         self._total = len(paths)
-        keys = _keys_for(paths)
+        keys = keys_for(paths)
         self._check_names(keys)
         self._check_settings()
         if self.strict:  # check every image before writing anything
             for p in paths:
-                _load(p)
+                load_input(p)
         ex = self._extractor()
-        with self._working():
+        with working_folder(self.out, self.console):
             writer = self._writer(ex, "inversion")
             settings = writer.metadata
             todo: list[tuple[int, Path, str]] = []
             for i, (p, k) in enumerate(zip(paths, keys, strict=True)):
-                meta = self._existing(writer, k, settings, ("source_path", _absolute(p)))
+                meta = self._existing(writer, k, settings, ("source_path", absolute_path(p)))
                 if meta is None:
                     todo.append((i, p, k))
                     continue
-                entry = {"input": str(p), "key": k, "file": f"{k}{_FEATURES}", "status": "skipped"}
+                entry = {
+                    "input": str(p),
+                    "key": k,
+                    "file": f"{k}{FEATURES_SUFFIX}",
+                    "status": "skipped",
+                }
                 if "original_size" in meta:
                     entry["original_size"] = meta["original_size"]
                 self._add(i, entry)
@@ -576,7 +306,7 @@ class ExtractJob:
         ok: list[tuple[int, Path, str, Image.Image]] = []
         for i, p, k in chunk:
             try:
-                img = _load(p)
+                img = load_input(p)
             except ImageLoadError as err:
                 if self.strict:
                     raise
@@ -586,14 +316,14 @@ class ExtractJob:
         # Posterior-sample seeds are seed + input index and run_images numbers its batch
         # from first_index: batch only runs of consecutive indices (a skipped or unreadable
         # input in between would shift the seeds of those after it).
-        for run in _consecutive_runs(ok):
+        for run in consecutive_runs(ok):
             self._pending = {
                 k: (
                     i,
                     {
                         "input": str(p),
                         "key": k,
-                        "file": f"{k}{_FEATURES}",
+                        "file": f"{k}{FEATURES_SUFFIX}",
                         "status": "ok",
                         "original_size": list(img.size),
                     },
@@ -603,7 +333,11 @@ class ExtractJob:
             writer.begin_batch(
                 [k for _i, _p, k, _img in run],
                 [
-                    {"source": str(p), "source_path": _absolute(p), "original_size": list(img.size)}
+                    {
+                        "source": str(p),
+                        "source_path": absolute_path(p),
+                        "original_size": list(img.size),
+                    }
                     for _i, p, _k, img in run
                 ],
             )
@@ -634,7 +368,7 @@ class ExtractJob:
         self._check_names(keys)
         self._check_settings()
         ex = self._extractor()
-        with self._working():
+        with working_folder(self.out, self.console):
             writer = self._writer(ex, "generation")
             settings = writer.metadata
             todo = []
@@ -644,7 +378,7 @@ class ExtractJob:
                     entry = {
                         "input": prompt,
                         "key": k,
-                        "file": f"{k}{_FEATURES}",
+                        "file": f"{k}{FEATURES_SUFFIX}",
                         "image": f"{k}.png",
                         "status": "skipped",
                     }
@@ -656,7 +390,7 @@ class ExtractJob:
                 # noise seeds are seed + prompt index: batch only consecutive indices
                 chunks = [
                     run[start : start + self.batch_size]
-                    for run in _consecutive_runs(todo)
+                    for run in consecutive_runs(todo)
                     for start in range(0, len(run), self.batch_size)
                 ]
                 for chunk in chunks:
@@ -685,7 +419,7 @@ class ExtractJob:
                 {
                     "input": prompt,
                     "key": k,
-                    "file": f"{k}{_FEATURES}",
+                    "file": f"{k}{FEATURES_SUFFIX}",
                     "image": f"{k}.png",
                     "status": "ok",
                 },

@@ -13,17 +13,19 @@ over all ``L * S``. The descriptor is::
 where ``resize`` is bilinear with ``align_corners=False`` to ``output_size`` (64).
 
 The bottleneck block, the exact-algebra fast path and the fused inference kernels live in
-:mod:`hyperfeatures.aggregation.kernels`; the Hub persistence (``save_pretrained`` /
-``from_pretrained``, :func:`network_kwargs`, :class:`CheckpointError`) in
-:mod:`hyperfeatures.aggregation.hub`; the original implementation's ``.pt`` checkpoints in
+:mod:`hyperfeatures.aggregation.kernels`; the checks of the constructor arguments and the
+``MAX_*`` size bounds in :mod:`hyperfeatures.aggregation.validation`; the Hub persistence
+(``save_pretrained`` / ``from_pretrained``) in :mod:`hyperfeatures.aggregation.hub`, which
+reads the files with :mod:`~hyperfeatures.aggregation.saved_config` (:func:`network_kwargs`)
+and :mod:`~hyperfeatures.aggregation.checkpoint_files`; :func:`check_compatible` in
+:mod:`hyperfeatures.aggregation.compat`; the original implementation's ``.pt`` checkpoints in
 :mod:`hyperfeatures.aggregation.official`.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,17 +34,22 @@ from torch import Tensor, nn
 
 from ..config import Settings
 from ..correspond import resize_bilinear
-from .hub import (
-    CheckpointError,
-    NetworkHub,
-    _is_int,
-    _listing,
-)
-from .hub import _check_state_dict as _check_state_dict
-from .hub import _int_list as _int_list
-from .hub import _read_json as _read_json
-from .hub import network_kwargs as network_kwargs
+from .checkpoint_files import _check_state_dict as _check_state_dict
+from .compat import check_compatible as check_compatible
+from .errors import CheckpointError as CheckpointError
+from .errors import _listing
+from .hub import NetworkHub
 from .kernels import BottleneckBlock, _autocast_dtype
+from .saved_config import _int_list as _int_list
+from .saved_config import _read_json as _read_json
+from .saved_config import network_kwargs as network_kwargs
+from .validation import MAX_CHANNELS as MAX_CHANNELS
+from .validation import MAX_OUTPUT_SIZE as MAX_OUTPUT_SIZE
+from .validation import MAX_PARAMETERS as MAX_PARAMETERS
+from .validation import MAX_PROJECTION_DIM as MAX_PROJECTION_DIM
+from .validation import MAX_TAPS as MAX_TAPS
+from .validation import check_architecture
+from .validation import parameter_count as parameter_count
 
 __all__ = [
     "MAX_CHANNELS",
@@ -56,52 +63,12 @@ __all__ = [
     "check_compatible",
     "parameter_count",
 ]
-# The `from .hub import x as x` names stay importable from here (official.py, tests).
+# The names imported `as` themselves stay importable from here (their old home; tests).
 
 PAPER_TAPS: tuple[str, ...] = tuple(
     f"up_blocks.{i}.resnets.{j}" for i in range(4) for j in range(3)
 )
 """The 12 decoder ResNet blocks of the paper ("Layers 1-12"), in order."""
-
-_MODES = ("inversion", "generation")
-
-# Size bounds, checked before anything is allocated (a corrupt or hostile config.json cannot
-# make the constructor try to allocate terabytes). The real networks are far below them: the
-# paper's SD 1.5 network has L = 12 taps of at most 1280 channels, P = 384, output 64 and
-# 6.5 M parameters; the widest real maps (SD/SDXL decoders 1280, DINOv2-g 1536) are 8x under
-# MAX_CHANNELS.
-MAX_TAPS = 1024
-"""Most taps (bottlenecks) of one network."""
-MAX_CHANNELS = 16_384
-"""Most channels of one tapped map."""
-MAX_PROJECTION_DIM = 8192
-"""Largest descriptor width ``P`` (``projection_dim``; the paper's is 384)."""
-MAX_OUTPUT_SIZE = 1024
-"""Largest descriptor map side (``output_size``; the paper's is 64)."""
-MAX_PARAMETERS = 1_000_000_000
-"""Most parameters of one network (4 GB in fp32; the paper's has 6.5 M)."""
-
-
-def parameter_count(channels: Sequence[int], projection_dim: int, num_mixed_steps: int) -> int:
-    """Parameters of a network with these sizes, computed without building it.
-
-    Per tap of ``C`` channels (width ``w = P // 4``): ``conv1`` ``C*w`` + GN ``2w``, ``conv2``
-    ``9*w*w`` + GN ``2w``, ``conv3`` ``w*P`` + GN ``2P``, and the shortcut ``C*P`` + GN ``2P``
-    when ``C != P``; plus ``L * S`` mixing weights.
-    """
-    p = int(projection_dim)
-    w = p // 4
-    total = 0
-    for c in channels:
-        total += c * w + 2 * w + 9 * w * w + 2 * w + w * p + 2 * p
-        if c != p:
-            total += c * p + 2 * p
-    return total + len(channels) * int(num_mixed_steps)
-
-
-# --------------------------------------------------------------------------------------------
-# aggregation network
-# --------------------------------------------------------------------------------------------
 
 
 class AggregationNetwork(
@@ -150,76 +117,15 @@ class AggregationNetwork(
         super().__init__()
         if not isinstance(settings, Settings):
             settings = Settings.from_dict(settings, source="aggregation network settings")
-        if isinstance(settings.taps, str):
-            raise ValueError(
-                f"the network's settings name the taps by preset {settings.taps!r}; give the "
-                "tap names (e.g. source.resolve_taps(settings.taps)), one per bottleneck"
-            )
-        taps = list(settings.taps)
-        if len(taps) > MAX_TAPS:
-            raise ValueError(
-                f"the settings name {len(taps)} taps, more than MAX_TAPS={MAX_TAPS} (one "
-                "bottleneck each); choose fewer taps"
-            )
-        dup_taps = sorted(t for t, n in Counter(taps).items() if n > 1)
-        if dup_taps:
-            raise ValueError(f"taps must be unique; repeated: {_listing(dup_taps)}")
-        channels = list(channels)
-        if len(channels) != len(taps):
-            raise ValueError(
-                f"channels has {len(channels)} entries but taps has {len(taps)}; "
-                "give one channel count per tap"
-            )
-        bad_ch = [(t, c) for t, c in zip(taps, channels, strict=True) if not _is_int(c) or c < 1]
-        if bad_ch:
-            raise ValueError(
-                f"channels must be positive ints; bad (tap, channels): {_listing(bad_ch)}"
-            )
-        big_ch = [(t, c) for t, c in zip(taps, channels, strict=True) if c > MAX_CHANNELS]
-        if big_ch:
-            raise ValueError(
-                f"channels must be at most MAX_CHANNELS={MAX_CHANNELS} (real feature maps have "
-                f"up to 1536); too large (tap, channels): {_listing(big_ch)}"
-            )
-        if not _is_int(projection_dim) or projection_dim < 4 or projection_dim % 4:
-            raise ValueError(f"projection_dim={projection_dim!r} must be a positive multiple of 4")
-        if projection_dim > MAX_PROJECTION_DIM:
-            raise ValueError(
-                f"projection_dim={projection_dim} exceeds MAX_PROJECTION_DIM="
-                f"{MAX_PROJECTION_DIM} (the paper uses 384)"
-            )
-        if not _is_int(num_norm_groups) or num_norm_groups < 1:
-            raise ValueError(f"num_norm_groups={num_norm_groups!r} must be a positive int")
-        if (projection_dim // 4) % num_norm_groups:
-            raise ValueError(
-                f"projection_dim // 4 = {projection_dim // 4} is not divisible by "
-                f"num_norm_groups={num_norm_groups}; pick e.g. projection_dim="
-                f"{4 * num_norm_groups * max(1, round(projection_dim / (4 * num_norm_groups)))}"
-            )
-        if not _is_int(output_size) or output_size < 1:
-            raise ValueError(f"output_size={output_size!r} must be a positive int")
-        if output_size > MAX_OUTPUT_SIZE:
-            raise ValueError(
-                f"output_size={output_size} exceeds MAX_OUTPUT_SIZE={MAX_OUTPUT_SIZE} (the "
-                "paper uses 64)"
-            )
-        if not isinstance(mode, str) or mode not in _MODES:
-            raise ValueError(f"mode={mode!r} must be one of {_MODES}")
-        count = parameter_count(channels, projection_dim, len(settings.steps))
-        if count > MAX_PARAMETERS:
-            raise ValueError(
-                f"the network would have {count:,} parameters ({count * 4 / 2**30:.1f} GiB in "
-                f"fp32), more than MAX_PARAMETERS={MAX_PARAMETERS:,} (L={len(taps)} taps of "
-                f"up to {max(channels)} channels, projection_dim={projection_dim}); use fewer "
-                "taps or a smaller projection_dim"
-            )
-        if extra is not None and not isinstance(extra, Mapping):
-            raise ValueError(f"extra must be a dict of metadata, got {type(extra).__name__}")
-        extra = dict(extra or {})
-        try:
-            json.dumps(extra)
-        except (TypeError, ValueError, RecursionError) as err:
-            raise ValueError(f"extra must be JSON-serialisable: {err}") from None
+        channels, extra = check_architecture(
+            settings,
+            channels,
+            projection_dim=projection_dim,
+            num_norm_groups=num_norm_groups,
+            output_size=output_size,
+            mode=mode,
+            extra=extra,
+        )
 
         self.settings = settings
         self.channels: tuple[int, ...] = tuple(int(c) for c in channels)
@@ -528,69 +434,3 @@ class AggregationNetwork(
             out = term if out is None else out + term
         assert out is not None
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# compatibility checks
-# --------------------------------------------------------------------------------------------
-
-
-def _tap_pairs(tap_infos: Any) -> list[tuple[str, int]]:
-    if isinstance(tap_infos, Mapping):
-        return [(str(k), int(v)) for k, v in tap_infos.items()]
-    pairs = []
-    for info in tap_infos:
-        if isinstance(info, tuple | list) and len(info) == 2:
-            pairs.append((str(info[0]), int(info[1])))
-            continue
-        name = next((getattr(info, a) for a in ("name", "path", "tap") if hasattr(info, a)), None)
-        channels = getattr(info, "channels", None)
-        if name is None or channels is None:
-            raise ValueError(
-                f"tap info {info!r} is neither a (name, channels) pair nor an object with "
-                "name/path and channels attributes"
-            )
-        pairs.append((str(name), int(channels)))
-    return pairs
-
-
-def check_compatible(
-    network: AggregationNetwork,
-    tap_infos: Mapping[str, int] | Iterable[Any],
-    *,
-    num_steps: int | None = None,
-) -> None:
-    """Check that a backbone provides every tap the network needs, with the right channels.
-
-    Args:
-        network: the aggregation network.
-        tap_infos: the backbone's taps as ``{name: channels}``, ``[(name, channels), ...]`` or
-            records with ``name`` (or ``path``) and ``channels`` attributes. Extra taps are fine.
-        num_steps: if given, the ``T`` of the planned diffusion run, which must equal
-            the network's (its steps are positions on that T-step grid).
-
-    Raises:
-        ValueError: listing missing taps and channel mismatches.
-    """
-    available = dict(_tap_pairs(tap_infos))
-    missing = [t for t in network.taps if t not in available]
-    wrong = [
-        f"{t}: backbone {available[t]} vs network {c}"
-        for t, c in zip(network.taps, network.channels, strict=True)
-        if t in available and available[t] != c
-    ]
-    problems = []
-    if missing:
-        problems.append(f"taps missing from the backbone: {_listing(missing)}")
-    if wrong:
-        problems.append(f"channel mismatches: {_listing(wrong)}")
-    if num_steps is not None and num_steps != network.num_steps:
-        problems.append(
-            f"the network was trained with num_steps={network.num_steps}, the run uses {num_steps}"
-        )
-    if problems:
-        raise ValueError(
-            f"aggregation network (model={network.model!r}) does not fit this source: "
-            + "; ".join(problems)
-            + ". Use the backbone the network was trained on, or train a new network"
-        )

@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 
 from ..config import Settings, SettingsError
-from ..evaluation.report import (
+from ..evaluation.figures import (
     FIGURE_KEYPOINTS,
     FIGURE_PAIRS,
     MAX_FIGURE_KEYPOINTS,

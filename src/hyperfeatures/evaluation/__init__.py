@@ -4,7 +4,11 @@
   source + taps + a descriptor head, built by one factory (:func:`create_method`).
 - :mod:`~hyperfeatures.evaluation.runner`: :func:`evaluate` (the loop) and :func:`match_pair`.
 - :mod:`~hyperfeatures.evaluation.report`: :class:`EvalResult` (tables, JSON / CSV files,
-  figures, the manifest), :func:`check_output_dir` (an output folder checked before any work).
+  figures, the manifest).
+- :mod:`~hyperfeatures.evaluation.outputs`: the output folder: :func:`check_output_dir`
+  (checked before any work), staged writes, an earlier run's files, the manifest.
+- :mod:`~hyperfeatures.evaluation.figures`: the correspondence figures and their bounds.
+- :mod:`~hyperfeatures.evaluation.predictions`: :class:`PairPrediction`, one pair's transfer.
 
 Datasets come from :func:`hyperfeatures.datasets.load_dataset` only.
 
@@ -36,16 +40,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .report import (
-    FIGURE_KEYPOINTS,
-    FIGURE_PAIRS,
-    MAX_FIGURE_KEYPOINTS,
-    MAX_FIGURES,
-    EvalResult,
-    OutputExistsError,
-    PairPrediction,
-    check_output_dir,
-)
+from .figures import FIGURE_KEYPOINTS, FIGURE_PAIRS, MAX_FIGURE_KEYPOINTS, MAX_FIGURES
+from .outputs import OutputExistsError, check_output_dir
+from .predictions import PairPrediction
+from .report import EvalResult
 
 if TYPE_CHECKING:
     from .methods import (

@@ -1,33 +1,54 @@
-"""Results of an evaluation run: per-pair predictions, PCK tables, files and figures.
+"""Results of an evaluation run: PCK figures, tables and the files of :class:`EvalResult`.
 
 :class:`EvalResult` holds what :func:`~hyperfeatures.evaluation.evaluate` produced and writes
 ``results.json``, ``per_category.csv``, ``predictions.json``, ``figures/pair_XXX.png`` and
 ``manifest.json`` (the list of files the run wrote).
 
-An output folder is checked before any work (:func:`check_output_dir`): files of this tool's
-names that it did not write are never replaced, the results of an earlier run are replaced
-only on request, and then the earlier run's files this run does not rewrite (figures of more
-pairs ...) are removed. Figures are bounded: :data:`FIGURE_PAIRS` pairs by default and at most
-:data:`FIGURE_KEYPOINTS` keypoints per figure (evenly thinned).
+The parts below it, which import nothing of this module:
+
+- :mod:`~hyperfeatures.evaluation.predictions`: :class:`PairPrediction`, one pair's transfer.
+- :mod:`~hyperfeatures.evaluation.outputs`: the output folder, checked before any work
+  (:func:`check_output_dir`): files of this tool's names that it did not write are never
+  replaced, the results of an earlier run are replaced only on request, and then the earlier
+  run's files this run does not rewrite (figures of more pairs ...) are removed.
+- :mod:`~hyperfeatures.evaluation.figures`: the figures and their bounds:
+  :data:`FIGURE_PAIRS` pairs by default and at most :data:`FIGURE_KEYPOINTS` keypoints per
+  figure (evenly thinned).
+
+Their public names are importable from here too.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import re
-import shutil
-import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
-
-from .._io import JSONFileError, atomic_write_text, read_json
+from .._io import atomic_write_text
+from .figures import (
+    FIGURE_KEYPOINTS,
+    FIGURE_PAIRS,
+    MAX_FIGURE_KEYPOINTS,
+    MAX_FIGURES,
+    check_count,
+    count_drawn,
+    draw_figures,
+)
+from .outputs import (
+    FIGURES_FOLDER,
+    MANIFEST_FILE,
+    RESULT_FILES,
+    OutputExistsError,
+    check_output_dir,
+    relative_name,
+    remove_previous,
+    write_manifest,
+    write_staged,
+)
+from .predictions import PairPrediction
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -49,234 +70,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger(__name__)
-
-FIGURE_PAIRS = 5
-"""Correspondence figures drawn by default: the first N pairs (``eval --figures``)."""
-
-MAX_FIGURES = 1000
-"""Most correspondence figures one run may draw (each takes about a second)."""
-
-FIGURE_KEYPOINTS = 50
-"""Most keypoints drawn in one figure by default, evenly thinned (``eval --figure-points``)."""
-
-MAX_FIGURE_KEYPOINTS = 1000
-"""Largest accepted keypoints-per-figure bound."""
-
-RESULT_FILES = ("results.json", "per_category.csv", "predictions.json")
-"""Files of one run, besides the figures and the manifest."""
-
-MANIFEST_FILE = "manifest.json"
-"""The list of files a run wrote (written last): tells this tool's files from a user's."""
-
-FIGURES_FOLDER = "figures"
-_FIGURE_NAME = re.compile(r"pair_\d{3,}\.png")
-_MANIFEST_TOOL = "hyperfeatures eval"
-_MANIFEST_MAX_BYTES = 16 * 2**20
-
-# how each result file of this tool begins (recognises files written before manifests existed)
-_SIGNATURES = {
-    "results.json": b'{\n  "hyperfeatures_version": ',
-    "predictions.json": b'{"dataset": ',
-    "per_category.csv": b"category,pairs,keypoints,",
-}
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder holds an earlier run's results (and replacing them was not asked for),
-    or a file of this tool's names that this tool did not write."""
-
-
-# =========================================================================== output folder
-def _starts_with(path: Path, prefix: bytes) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(len(prefix)) == prefix
-    except OSError:
-        return False
-
-
-def _manifest_files(path: Path) -> list[str] | None:
-    """The files listed by this tool's manifest at ``path``; ``None`` if it is not ours."""
-    try:
-        if path.stat().st_size > _MANIFEST_MAX_BYTES:
-            return None
-        data = read_json(path, what="manifest")
-    except (OSError, JSONFileError):
-        return None
-    if not isinstance(data, dict) or data.get("tool") != _MANIFEST_TOOL:
-        return None
-    files = data.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        return None
-    return [f for f in files if _is_result_name(f)]
-
-
-def _is_result_name(rel: str) -> bool:
-    """Whether ``rel`` (relative, ``/``-separated) is a name this tool writes."""
-    if rel in RESULT_FILES:
-        return True
-    parts = rel.split("/")
-    return len(parts) == 2 and parts[0] == FIGURES_FOLDER and bool(_FIGURE_NAME.fullmatch(parts[1]))
-
-
-def _rel(path: Path, out: Path) -> str:
-    return path.relative_to(out).as_posix()
-
-
-def check_output_dir(
-    out_dir: str | os.PathLike[str], *, overwrite: bool, flags: bool = False
-) -> list[Path]:
-    """Check an output folder before any work; returns the earlier run's files in it.
-
-    Nothing is written. A missing folder (whose parents can be created) or one without
-    results is fine. Files of this tool's names (:data:`RESULT_FILES`, :data:`MANIFEST_FILE`,
-    ``figures/pair_XXX.png``) are this tool's when the manifest lists them or their content
-    starts like this tool's files; such files are an earlier run's results.
-
-    Args:
-        out_dir: the output folder.
-        overwrite: whether an earlier run's results may be replaced.
-        flags: word messages with the ``eval`` command's flags (``--out``, ``--overwrite``)
-            instead of the Python keywords.
-
-    Returns:
-        The earlier run's files (this tool's; only with ``overwrite``).
-
-    Raises:
-        OutputExistsError: results of an earlier run without ``overwrite``; a file of this
-            tool's names that it did not write (always: move it away or choose another folder).
-        NotADirectoryError: ``out_dir`` (or a parent) is a file.
-    """
-    from ..viz._common import check_creatable_parent
-
-    out = Path(out_dir).expanduser()
-    label = f"--out {out}" if flags else f"output folder {out}"
-    again = "choose another --out" if flags else "choose another output folder"
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{label} is a file; give a folder for the results")
-    check_creatable_parent(out, what="--out" if flags else "output folder")
-    if not out.is_dir():
-        return []
-    figures = out / FIGURES_FOLDER
-    if figures.exists() and not figures.is_dir():
-        raise OutputExistsError(
-            f"{label}: {figures} is a file, but the figures go into a folder of that name; "
-            f"move it away or {again}"
-        )
-
-    def foreign(path: Path) -> OutputExistsError:
-        return OutputExistsError(
-            f"{label}: {path} was not written by `hyperfeatures eval` (it has the name of one "
-            f"of its result files); move it away or {again}"
-        )
-
-    ours: list[Path] = []
-    manifest = out / MANIFEST_FILE
-    listed: set[str] = set()
-    if manifest.exists():
-        files = _manifest_files(manifest)
-        if files is None:
-            raise foreign(manifest)
-        listed = set(files)
-    for name in RESULT_FILES:
-        path = out / name
-        if not path.exists():
-            continue
-        if name not in listed and not (path.is_file() and _starts_with(path, _SIGNATURES[name])):
-            raise foreign(path)
-        ours.append(path)
-    if figures.is_dir():
-        results_are_ours = (out / "results.json") in ours
-        for path in sorted(figures.iterdir()):
-            if not _FIGURE_NAME.fullmatch(path.name):
-                continue  # a user's file: never touched
-            if not path.is_file() or (_rel(path, out) not in listed and not results_are_ours):
-                raise foreign(path)
-            ours.append(path)
-    if manifest.exists():
-        ours.append(manifest)
-    if ours and not overwrite:
-        names = ", ".join(_rel(p, out) for p in ours[:3]) + (", ..." if len(ours) > 3 else "")
-        how = "pass --overwrite to replace them" if flags else "pass overwrite=True"
-        raise OutputExistsError(
-            f"{label} already holds the results of an earlier run ({names}); {how}, or {again}"
-        )
-    return ours
-
-
-# =========================================================================== results
-@dataclass
-class PairPrediction:
-    """Keypoint transfer of one pair.
-
-    Attributes:
-        pair_id, category: from the dataset.
-        source_path, target_path: image files.
-        source_size, target_size: ``(W, H)`` of the original images.
-        target_bbox: ``(x1, y1, x2, y2)`` target box, or ``None``.
-        source_points: ``(N, 2)`` ``(x, y)`` pixels of the source image.
-        target_points: ``(N, 2)`` ground-truth ``(x, y)`` pixels of the target image.
-        predicted_points: ``(N, 2)`` predicted ``(x, y)`` pixels of the target image.
-        scores: ``(N,)`` cosine similarity of each match.
-        distances: ``(N,)`` prediction-to-truth distance in target pixels.
-        correct_img, correct_bbox: ``(A, N)`` bool per alpha (bbox: ``None`` without boxes).
-        descriptor_seconds: time spent computing this pair's new descriptors (0 when both
-            images were cached).
-        match_seconds: time of the matching.
-    """
-
-    pair_id: str
-    category: str
-    source_path: str
-    target_path: str
-    source_size: tuple[int, int]
-    target_size: tuple[int, int]
-    target_bbox: tuple[float, float, float, float] | None
-    source_points: np.ndarray
-    target_points: np.ndarray
-    predicted_points: np.ndarray
-    scores: np.ndarray
-    distances: np.ndarray
-    correct_img: np.ndarray
-    correct_bbox: np.ndarray | None
-    descriptor_seconds: float
-    match_seconds: float
-
-    def to_dict(self, alphas: Sequence[float]) -> dict[str, Any]:
-        """JSON-able record (NaN becomes ``null``)."""
-
-        def by_alpha(flags: np.ndarray | None) -> dict[str, list[bool]] | None:
-            if flags is None:
-                return None
-            return {f"{a:g}": [bool(v) for v in row] for a, row in zip(alphas, flags, strict=True)}
-
-        return {
-            "pair_id": self.pair_id,
-            "category": self.category,
-            "source_path": self.source_path,
-            "target_path": self.target_path,
-            "source_size": list(self.source_size),
-            "target_size": list(self.target_size),
-            "target_bbox": list(self.target_bbox) if self.target_bbox is not None else None,
-            "source_points": _json_array(self.source_points),
-            "target_points": _json_array(self.target_points),
-            "predicted_points": _json_array(self.predicted_points),
-            "scores": _json_array(self.scores),
-            "distances": _json_array(self.distances),
-            "correct_img": by_alpha(self.correct_img),
-            "correct_bbox": by_alpha(self.correct_bbox),
-            "descriptor_seconds": self.descriptor_seconds,
-            "match_seconds": self.match_seconds,
-        }
-
-
-def _json_array(x: np.ndarray) -> Any:
-    return [_json_array(v) for v in x] if x.ndim > 1 else [_json_float(v) for v in x]
-
-
-def _json_float(v: Any) -> float | None:
-    f = float(v)
-    return f if math.isfinite(f) else None
 
 
 def _fmt_bytes(n: float) -> str:
@@ -504,59 +297,28 @@ class EvalResult:
             OutputExistsError, NotADirectoryError: see :func:`check_output_dir`.
             ValueError: a figure count or bound out of range.
         """
-        count = _check_count(
-            self.figures if figures is None else figures, "figures", 0, MAX_FIGURES
-        )
-        figure_points = _check_count(figure_points, "figure_points", 1, MAX_FIGURE_KEYPOINTS)
+        count = check_count(self.figures if figures is None else figures, "figures", 0, MAX_FIGURES)
+        figure_points = check_count(figure_points, "figure_points", 1, MAX_FIGURE_KEYPOINTS)
         out = Path(out_dir).expanduser()
         previous = check_output_dir(out, overwrite=overwrite)
-        created = not out.exists()
-        out.mkdir(parents=True, exist_ok=True)
-        staging = out / f".hyperfeatures-eval-{uuid.uuid4().hex}.tmp"
-        try:
-            staging.mkdir()
-            names = self._write_files(staging, count, figure_points)
-            for rel in names:
-                final = out / rel
-                final.parent.mkdir(exist_ok=True)
-                os.replace(staging / rel, final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            if created and not any(out.iterdir()):
-                out.rmdir()  # a failed first run leaves no empty folder behind
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-        fresh = {out / rel for rel in names}
-        for path in previous:
-            if path not in fresh and path.name != MANIFEST_FILE:
-                path.unlink(missing_ok=True)
-        figures_dir = out / FIGURES_FOLDER
-        had_figures = any(path.parent == figures_dir for path in previous)
-        if had_figures and figures_dir.is_dir() and not any(figures_dir.iterdir()):
-            figures_dir.rmdir()  # emptied of an earlier run's figures
+        names = write_staged(out, lambda folder: self._write_files(folder, count, figure_points))
+        remove_previous(out, previous, names)
         drawn = count_drawn(len(self.predictions), count)
         if drawn < len(self.predictions):
             _log.info(
                 "figures drawn for %d of %d pairs (figures=%d)", drawn, len(self.predictions), count
             )
-        manifest = {
-            "tool": _MANIFEST_TOOL,
-            "hyperfeatures_version": _version(),
-            "files": names,
-            "figures": {
-                "drawn": drawn,
-                "pairs": len(self.predictions),
-                "max_keypoints": figure_points,
-            },
+        figures_record = {
+            "drawn": drawn,
+            "pairs": len(self.predictions),
+            "max_keypoints": figure_points,
         }
         written: dict[str, Any] = {
             "results": out / "results.json",
             "per_category": out / "per_category.csv",
             "predictions": out / "predictions.json",
             "figures": [out / rel for rel in names if rel.startswith(f"{FIGURES_FOLDER}/")],
-            "manifest": atomic_write_text(
-                out / MANIFEST_FILE, json.dumps(manifest, indent=2) + "\n"
-            ),
+            "manifest": write_manifest(out, names, figures_record),
             "figures_thinned": sum(
                 1 for pred in self.predictions[:drawn] if len(pred.source_points) > figure_points
             ),
@@ -577,7 +339,7 @@ class EvalResult:
         }
         atomic_write_text(folder / "predictions.json", json.dumps(predictions) + "\n")
         drawn = self.write_figures(folder / FIGURES_FOLDER, count, figure_points=figure_points)
-        return [*RESULT_FILES, *(_rel(path, folder) for path in drawn)]
+        return [*RESULT_FILES, *(relative_name(path, folder) for path in drawn)]
 
     def write_figures(
         self,
@@ -592,65 +354,14 @@ class EvalResult:
         At most ``figure_points`` keypoints are drawn per figure (evenly spaced over the
         pair's keypoints; the title gives the pair's full count and how many are shown).
         """
-        from ..datasets import load_image
-        from ..viz import plot_correspondences
-
-        count = _check_count(count, "figures", 0, MAX_FIGURES)
-        figure_points = _check_count(figure_points, "figure_points", 1, MAX_FIGURE_KEYPOINTS)
-        folder = Path(folder)
-        paths = []
-        kind = "bbox" if self.has_bbox else "img"
-        for index, pred in enumerate(self.predictions[:count]):
-            flags = pred.correct_bbox if pred.correct_bbox is not None else pred.correct_img
-            correct = flags[0]
-            keep = _thin(len(correct), figure_points)
-            shown = "" if keep.size == len(correct) else f", {keep.size} shown"
-            title = (
-                f"{pred.pair_id} ({pred.category}): PCK@{self.alphas[0]:g} {kind} "
-                f"{int(correct.sum())}/{len(correct)}{shown}"
-            )
-            context = f"figure of pair {pred.pair_id!r}"
-            path = folder / f"pair_{index:03d}.png"
-            plot_correspondences(
-                load_image(pred.source_path, context=context),
-                load_image(pred.target_path, context=context),
-                pred.source_points[keep],
-                pred.predicted_points[keep],
-                gt_points=pred.target_points[keep],
-                correct=correct[keep],
-                out=path,
-                title=title,
-            )
-            paths.append(path)
-        return paths
-
-
-def count_drawn(pairs: int, figures: int) -> int:
-    """Figures a run draws: ``figures``, or fewer when there are fewer pairs."""
-    return max(0, min(pairs, figures))
-
-
-def _thin(n: int, most: int) -> np.ndarray:
-    """Indices of at most ``most`` of ``n`` items, evenly spaced, first and last included."""
-    if n <= most:
-        return np.arange(n)
-    return np.unique(np.round(np.linspace(0, n - 1, most)).astype(np.int64))
-
-
-def _check_count(value: Any, name: str, low: int, high: int) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | np.integer)
-        or not low <= value <= high
-    ):
-        raise ValueError(f"{name} must be an integer in {low}..{high}, got {value!r}")
-    return int(value)
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
+        return draw_figures(
+            self.predictions,
+            self.alphas,
+            folder,
+            count,
+            figure_points=figure_points,
+            kind="bbox" if self.has_bbox else "img",
+        )
 
 
 def _fmt_pct(value: float | None) -> str:

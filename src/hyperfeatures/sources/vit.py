@@ -28,6 +28,10 @@ Inputs go straight to ``image_size`` (bilinear, antialiased), then the ImageNet 
 set the matching grid of the evaluator. ``image_size`` must be a multiple of the patch size so
 the grid tiles the image; other sizes than the checkpoint's use transformers' bicubic
 position-embedding interpolation. Activations are read with removable forward hooks.
+
+The model is loaded by :mod:`~hyperfeatures.sources.vit_loading` (registry names, hub ids,
+folders, the seeded ``tiny-*`` models); inputs become the pixel batch in
+:mod:`~hyperfeatures.sources.vit_inputs`.
 """
 
 from __future__ import annotations
@@ -36,29 +40,17 @@ import difflib
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from transformers import (
-    AutoConfig,
-    Dinov2Config,
-    Dinov2Model,
-    Dinov2WithRegistersModel,
-    PreTrainedModel,
-    ViTConfig,
-    ViTModel,
-)
+from transformers import PreTrainedModel, ViTModel
 
 from ..config import Settings, SettingsError
 from ..taps import TapError, TapInfo
 from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
-from .hub import hf_cache_dir, is_hub_id, local_files_only, weights_not_found
-from .registry import list_sources, source_spec
+from .vit_inputs import vit_pixels
+from .vit_loading import load_vit_model
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ViTSource"]
 
@@ -66,11 +58,6 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 _FAMILY_OF_MODEL_TYPE = {"vit": "dino", "dinov2": "dinov2", "dinov2_with_registers": "dinov2"}
-_MODEL_CLASS_OF_MODEL_TYPE: dict[str, type[PreTrainedModel]] = {
-    "vit": ViTModel,
-    "dinov2": Dinov2Model,
-    "dinov2_with_registers": Dinov2WithRegistersModel,
-}
 # family -> (baseline block, its part or "" for the block output, default input side)
 _FAMILY_DEFAULTS: dict[str, tuple[int, str, int]] = {"dino": (9, "k", 224), "dinov2": (11, "", 770)}
 
@@ -87,99 +74,10 @@ _PRESETS = {  # preset -> (part, what it holds for every block)
     "queries": ("q", "attention queries"),
     "values": ("v", "attention values"),
 }
-_OPTIONAL_WEIGHTS = ("mask_token", "pooler.")  # parameters a feature extractor never reads
 
 
 class _StopForward(Exception):
     """Raised by a hook to skip the blocks after the deepest tapped one."""
-
-
-def _vit_names(*, pretrained_only: bool = False) -> list[str]:
-    return [s.name for s in list_sources("vit") if not (pretrained_only and s.random_weights)]
-
-
-def _unit_tensors(images: Any) -> list[torch.Tensor]:
-    """A non-empty list of PIL images / ``(3, H, W)`` tensors -> ``(3, H, W)`` tensors (PIL:
-    uint8 RGB / 255)."""
-    if not isinstance(images, Sequence) or len(images) == 0:
-        raise ValueError(
-            "images must be a PIL image, a (B, 3, H, W) float tensor in [0, 1], or a "
-            f"non-empty list of those; got {type(images).__name__}"
-        )
-    out: list[torch.Tensor] = []
-    for i, img in enumerate(images):
-        if isinstance(img, Image.Image):
-            arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
-            out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0))
-        elif isinstance(img, torch.Tensor) and img.ndim == 3 and img.shape[0] == 3:
-            out.append(img)
-        else:
-            shape = f" of shape {tuple(img.shape)}" if isinstance(img, torch.Tensor) else ""
-            raise ValueError(
-                f"images[{i}] must be a PIL image or a (3, H, W) tensor in [0, 1], got "
-                f"{type(img).__name__}{shape}"
-            )
-    return out
-
-
-def _tiny_model(family: str, seed: int) -> PreTrainedModel:
-    """DINO / DINOv2 architecture, 12 blocks of width 32, weights seeded inside ``fork_rng``
-    (the global torch RNG is left as it was)."""
-    common: dict[str, Any] = dict(
-        hidden_size=32, num_hidden_layers=12, num_attention_heads=2, layer_norm_eps=1e-6
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if family == "dino":
-            config = ViTConfig(
-                **common, intermediate_size=64, patch_size=8, image_size=224, qkv_bias=True
-            )
-            return ViTModel(config, add_pooling_layer=False)
-        return Dinov2Model(Dinov2Config(**common, mlp_ratio=2, patch_size=14, image_size=518))
-
-
-def _load_pretrained(
-    name: str, source: str, hub_id: str | None, local: Path | None, dtype: torch.dtype
-) -> PreTrainedModel:
-    """Config + weights from the folder ``local`` or the hub id ``source``; refuses
-    checkpoints that lack weights (transformers would fill them with random values)."""
-    kwargs: dict[str, Any] = {}
-    if local is None:
-        kwargs = {"cache_dir": str(hf_cache_dir()), "local_files_only": local_files_only()}
-    try:
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    except (OSError, ValueError) as err:
-        raise weights_not_found(
-            name, hub_id=hub_id, local=local, cause=err, what="ViT weights"
-        ) from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _MODEL_CLASS_OF_MODEL_TYPE:
-        raise ValueError(
-            f"{source!r} holds a {model_type!r} model; ViTSource supports the model types "
-            f"{sorted(_MODEL_CLASS_OF_MODEL_TYPE)} (DINO ViT, DINOv2, DINOv2 with registers)."
-        )
-    cls = _MODEL_CLASS_OF_MODEL_TYPE[model_type]
-    extra: dict[str, Any] = {"add_pooling_layer": False} if cls is ViTModel else {}
-    try:
-        model, info = cls.from_pretrained(
-            source, config=config, dtype=dtype, output_loading_info=True, **kwargs, **extra
-        )
-    except (OSError, ValueError) as err:
-        raise weights_not_found(
-            name, hub_id=hub_id, local=local, cause=err, what="ViT weights"
-        ) from None
-    missing = sorted(
-        k for k in info.get("missing_keys", ()) if not any(t in k for t in _OPTIONAL_WEIGHTS)
-    )
-    missing += sorted(str(k[0]) for k in info.get("mismatched_keys", ()))
-    if missing:
-        raise ValueError(
-            f"the checkpoint at {source!r} lacks {len(missing)} weight(s) of {cls.__name__} "
-            f"(e.g. {missing[:3]}), so they would be random; it is not a complete DINO / "
-            f"DINOv2 checkpoint. Re-download it (`hf download "
-            f"{hub_id or '<hub id>'}`) or point model_path at a folder written by save_pretrained"
-        )
-    return model
 
 
 class ViTSource(FeatureSource):
@@ -283,61 +181,9 @@ class ViTSource(FeatureSource):
         """
         dtype = resolve_dtype(dtype)
         device = resolve_device(device)
-        key = os.fspath(name)
-        spec = source_spec(key)
-        if spec is not None and key != spec.name and Path(key).expanduser().exists():
-            spec = None  # an existing folder wins over a hub id of the registry
-        if spec is not None and spec.kind != "vit":
-            raise ValueError(
-                f"{key!r} is a {spec.kind} model, not a ViT ({_vit_names()}); load it with "
-                "hyperfeatures.sources.load_source"
-            )
-        if spec is not None and spec.random_weights:
-            if model_path is not None:
-                raise ValueError(
-                    f"{key!r} is built with seeded random weights, so it reads no weights "
-                    "folder; drop --model-path (model_path=), or name the model the folder "
-                    f"holds ({', '.join(_vit_names(pretrained_only=True))})"
-                )
-            model, family = _tiny_model(spec.family, seed), spec.family
-        else:
-            local: Path | None = None
-            hub_id: str | None = None
-            if spec is not None:
-                hub_id = spec.hub_id
-                if model_path is not None:
-                    local = Path(model_path).expanduser()
-            elif model_path is not None:
-                raise ValueError(
-                    f"model_path is for registry names ({_vit_names()}); pass the folder as "
-                    "the name instead"
-                )
-            elif Path(key).expanduser().exists():
-                local = Path(key).expanduser()
-            elif key.startswith(("/", ".", "~")) or key.count("/") > 1 or "\\" in key:
-                raise FileNotFoundError(
-                    f"model folder {key!r} does not exist; pass a folder holding config.json "
-                    f"and weights, a hub id such as 'facebook/dino-vits8', or one of "
-                    f"{_vit_names()}"
-                )
-            elif is_hub_id(key):
-                hub_id = key
-            else:
-                close = difflib.get_close_matches(key, _vit_names(), n=3, cutoff=0.5)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-                raise ValueError(
-                    f"unknown ViT model {key!r}; use one of {_vit_names()}, a Hugging Face id "
-                    f"('owner/name') or a local folder.{hint}"
-                )
-            if local is not None and not local.exists():
-                raise FileNotFoundError(
-                    f"model_path {str(local)!r} does not exist; pass the folder that holds "
-                    f"config.json and the weights of {key!r} (e.g. from `hf "
-                    f"download {hub_id}`)"
-                )
-            source = str(local) if local is not None else str(hub_id)
-            model = _load_pretrained(key, source, hub_id, local, dtype)
-            family = spec.family if spec is not None else None
+        key, spec, model, family = load_vit_model(
+            name, model_path=model_path, dtype=dtype, seed=seed
+        )
         model = model.to(device=device, dtype=dtype)
         size = spec.image_size if spec is not None else None
         return cls(model, name=key, family=family, image_size=size)
@@ -473,43 +319,14 @@ class ViTSource(FeatureSource):
         Returns:
             ``(B, 3, S, S)`` ImageNet-normalised pixels on :attr:`device` in :attr:`dtype`.
         """
-        size = self.image_size(settings)
-        if isinstance(images, torch.Tensor):
-            batch = images.unsqueeze(0) if images.ndim == 3 else images
-            if batch.ndim != 4 or batch.shape[1] != 3:
-                raise ValueError(
-                    f"image tensor must be (B, 3, H, W) or (3, H, W) RGB, got {tuple(batch.shape)}"
-                )
-            items = list(batch.unbind(0))
-        else:
-            items = _unit_tensors([images] if isinstance(images, Image.Image) else images)
-        resized = []
-        for i, img in enumerate(items):
-            if not img.is_floating_point():
-                raise ValueError(
-                    f"image {i} is a {img.dtype} tensor; pass floats in [0, 1] "
-                    "(e.g. `uint8_tensor.float() / 255`)"
-                )
-            img = img.to(device=self.device, dtype=torch.float32)
-            lo, hi = float(img.min()), float(img.max())
-            if lo < -1e-3 or hi > 1.0 + 1e-3 or not np.isfinite([lo, hi]).all():
-                raise ValueError(
-                    f"image {i} has values in [{lo:.3g}, {hi:.3g}]; pass RGB in [0, 1] "
-                    "(not 0..255 and not already normalised); normalisation is done here"
-                )
-            if tuple(img.shape[-2:]) != (size, size):
-                img = F.interpolate(
-                    img[None],
-                    size=(size, size),
-                    mode="bilinear",
-                    align_corners=False,
-                    antialias=True,
-                )[0]
-            resized.append(img)
-        x = torch.stack(resized).clamp_(0.0, 1.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.dtype)
+        return vit_pixels(
+            images,
+            self.image_size(settings),
+            device=self.device,
+            dtype=self.dtype,
+            mean=self.mean,
+            std=self.std,
+        )
 
     @contextmanager
     def capture(

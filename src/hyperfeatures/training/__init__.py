@@ -6,7 +6,9 @@
 - :mod:`~hyperfeatures.training.recipe`: the optimizer (:func:`make_optimizer`, AdamW with
   two parameter groups) and the seeded pair order (:class:`PairOrder`);
 - :mod:`~hyperfeatures.training.trainer`: :class:`Trainer` (validation, checkpoints, resume,
-  logs, Accelerate) and :class:`TrainResult`.
+  logs, Accelerate) and :class:`TrainResult`, with
+  :mod:`~hyperfeatures.training.state` (writing, finding, reading and checking the resume
+  state of a checkpoint) and :mod:`~hyperfeatures.training.logs` (``log.csv`` and TensorBoard).
 """
 
 from __future__ import annotations

@@ -37,10 +37,7 @@ step, and continues the same loss curve (bit-identical on CPU).
 from __future__ import annotations
 
 import contextlib
-import csv
-import numbers
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,17 +46,25 @@ from typing import Any
 
 import torch
 
-from .._io import atomic_dir, atomic_write_text
+from .._io import atomic_dir
 from .._progress import progress_bar
 from ..config import TrainConfig, TrainSettings
 from ..datasets import KeypointPair, PairDataset, load_dataset, load_image
 from ..metrics import PCKAccumulator
+from .logs import TrainLogger
 from .loss import correspondence_loss
 from .recipe import PairOrder, make_optimizer
+from .state import STATE_FILE as STATE_FILE
+from .state import (
+    fresh_start_hint,
+    latest_checkpoint,
+    read_trainer_state,
+    restore_trainer_state,
+    trainer_state,
+    write_checkpoint,
+)
 
 __all__ = ["TrainResult", "Trainer", "config_pairs"]
-
-STATE_FILE = "trainer_state.pt"
 
 
 @dataclass
@@ -287,7 +292,7 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.config.to_yaml(self.out / "config.yaml")
-        logger = _Logger(self.out, enabled=main)
+        logger = TrainLogger(self.out, enabled=main)
         from rich.progress import TextColumn
 
         loss_column = TextColumn("{task.fields[loss]}")
@@ -402,170 +407,26 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return None
-        folder = self.out / "checkpoints" / f"step_{self.step:06d}"
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "order": self.order.state_dict(),
-            "best": list(self.best) if self.best is not None else None,
-            "torch_rng": torch.random.get_rng_state(),
-        }
-
-        def write(tmp: Path) -> None:
-            self.unwrapped.save_pretrained(tmp)
-            torch.save(state, tmp / STATE_FILE)
-
-        atomic_dir(folder, write)
-        atomic_write_text(self.out / "checkpoints" / "latest", folder.name + "\n")
-        return folder
+        state = trainer_state(self.step, self.optimizer, self.order, self.best)
+        return write_checkpoint(self.out, self.step, self.unwrapped, state)
 
     def _load_latest(self) -> None:
         """Restore network, optimizer, pair order, step, best and RNG from
         ``checkpoints/latest``; every problem is one line naming the file and how to go on."""
-        from ..aggregation import AggregationNetwork, CheckpointError
+        from ..aggregation import AggregationNetwork
 
-        pointer = self.out / "checkpoints" / "latest"
-        fresh = (
-            f"start fresh: run without --resume (with another --out, or after removing {self.out})"
-        )
-        if not pointer.is_file():
-            raise FileNotFoundError(
-                f"--resume: {pointer} does not exist; no checkpoint of a run in {self.out}"
-            )
-        try:
-            name = pointer.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as err:
-            raise CheckpointError(
-                f"--resume: {pointer} cannot be read ({type(err).__name__}); write the name of "
-                f"a folder of {pointer.parent} (step_XXXXXX) into it, or {fresh}"
-            ) from None
-        if not re.fullmatch(r"step_\d{1,12}", name):
-            raise CheckpointError(
-                f"--resume: {pointer} names {name[:40]!r}, not a checkpoint folder (step_XXXXXX); "
-                f"write the name of a folder of {pointer.parent} into it, or {fresh}"
-            )
-        folder = self.out / "checkpoints" / name
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"--resume: {pointer} names {name}, but {folder} does not exist; write the name "
-                f"of a folder of {pointer.parent} into it, or {fresh}"
-            )
+        fresh = fresh_start_hint(self.out)
+        folder = latest_checkpoint(self.out, fresh)
         saved = AggregationNetwork.from_pretrained(folder)
         if saved.settings != self.unwrapped.settings:
             raise ValueError(
                 f"--resume: {folder} was trained with other settings: "
                 + "; ".join(saved.settings.differences(self.unwrapped.settings))
             )
-        state = _read_trainer_state(folder / STATE_FILE, fresh)
-        path = folder / STATE_FILE
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
-            lines = str(err).strip().splitlines()
-            reason = lines[0][:160] if lines else type(err).__name__
-            raise CheckpointError(
-                f"--resume: {path}: the optimizer state does not fit this network ({reason}); "
-                f"{fresh}"
-            ) from None
-        try:
-            self.order.load_state_dict(state["order"])
-        except ValueError as err:
-            raise CheckpointError(f"--resume: {path}: {err}") from None
-        try:
-            torch.random.set_rng_state(state["torch_rng"])
-        except (RuntimeError, TypeError, ValueError):
-            raise CheckpointError(
-                f"--resume: {path}: entry 'torch_rng' is not a torch RNG state; {fresh}"
-            ) from None
+        state = read_trainer_state(folder / STATE_FILE, fresh)
+        restore_trainer_state(
+            state, folder / STATE_FILE, fresh, optimizer=self.optimizer, order=self.order
+        )
         self.unwrapped.load_state_dict(saved.state_dict())
         self.step = state["step"]
         self.best = state["best"]
-
-
-def _read_trainer_state(path: Path, fresh: str) -> dict[str, Any]:
-    """The trainer state ``path`` (``torch.load(weights_only=True)``: tensors and plain
-    types only), its entries checked; any problem is one ``CheckpointError`` line."""
-    from ..aggregation import CheckpointError, load_torch_file
-
-    try:
-        state = load_torch_file(
-            path,
-            what="trainer state",
-            fix=f"the file is damaged or incomplete; {fresh}",
-            convert="load it there and save its entries again as tensors and plain types",
-            otherwise=fresh,
-        )
-    except CheckpointError as err:
-        raise CheckpointError(f"--resume: {err}") from None
-    problem = None
-    if not isinstance(state, dict):
-        problem = f"holds a {type(state).__name__}, not a dict"
-    elif missing := [k for k in ("step", "optimizer", "order", "torch_rng") if k not in state]:
-        problem = f"lacks the entries {missing}"
-    elif not isinstance(state["step"], numbers.Integral) or isinstance(state["step"], bool):
-        problem = f"entry 'step' is {type(state['step']).__name__}, not an integer"
-    elif state["step"] < 0:
-        problem = f"entry 'step' is negative ({state['step']})"
-    elif not isinstance(state["optimizer"], dict) or not {"state", "param_groups"} <= set(
-        state["optimizer"]
-    ):
-        problem = "entry 'optimizer' is not an optimizer state dict (state, param_groups)"
-    elif not isinstance(state["torch_rng"], torch.Tensor) or state["torch_rng"].dtype != (
-        torch.uint8
-    ):
-        problem = "entry 'torch_rng' is not a uint8 tensor (a torch RNG state)"
-    else:
-        best = state.get("best")
-        if best is not None and not (
-            isinstance(best, list | tuple)
-            and len(best) == 2
-            and isinstance(best[0], numbers.Integral)
-            and isinstance(best[1], numbers.Real)
-        ):
-            problem = "entry 'best' is not [step, pck] or None"
-    if problem is not None:
-        raise CheckpointError(f"--resume: {path}: the trainer state {problem}; {fresh}")
-    best = state.get("best")
-    return {
-        **state,
-        "step": int(state["step"]),
-        "best": (int(best[0]), float(best[1])) if best is not None else None,
-    }
-
-
-# --------------------------------------------------------------------------- helpers
-class _Logger:
-    """CSV (always) and TensorBoard (when installed) logs of the main process."""
-
-    FIELDS = ("step", "loss", "lr", "val_pck_img", "val_pck_bbox", "seconds")
-
-    def __init__(self, out: Path, *, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tb: Any = None
-        if not enabled:
-            return
-        self.path = out / "log.csv"
-        if not self.path.exists():
-            with self.path.open("w", newline="") as handle:
-                csv.writer(handle).writerow(self.FIELDS)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:  # tensorboard is optional: pip install "hyperfeatures[train]"
-            self.tb = None
-
-    def log(self, step: int, row: dict[str, Any], *, seconds: float) -> None:
-        if not self.enabled:
-            return
-        values = {**row, "step": step, "seconds": round(seconds, 3)}
-        with self.path.open("a", newline="") as handle:
-            csv.writer(handle).writerow([values.get(k, "") for k in self.FIELDS])
-        if self.tb is not None:
-            for key, value in row.items():
-                if value is not None:
-                    self.tb.add_scalar(key, value, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
