@@ -140,7 +140,7 @@ def test_eval_max_pairs_and_vit_default(spair_root: Path, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--method", "sift"), r"unknown method 'sift'\. Choose from hyperfeatures"),
+        (("--method", "surf"), r"unknown method 'surf'\. Choose from hyperfeatures"),
         (("--method", "layer4"), r"unknown method 'layer4'\. Did you mean 'layer-4'\? Choose"),
         (("--dataset", "imagenet"), r"unknown dataset 'imagenet'; choose from spair"),
         (("--alpha", "x"), r"--alpha must be numbers"),

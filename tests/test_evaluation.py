@@ -426,10 +426,10 @@ def test_max_pairs_keeps_the_first_pairs(spair: PairDataset) -> None:
 
 # --------------------------------------------------------------------------- the factory
 def test_unknown_method_and_misplaced_options(tiny_sd: Backbone) -> None:
-    with pytest.raises(ValueError, match=r"unknown method 'sift'\. Choose from .*hyperfeatures"):
-        create_method("sift")
-    with pytest.raises(ValueError, match=r"unknown method 'sift'.*tap:<name>"):
-        create_method("sift")
+    with pytest.raises(ValueError, match=r"unknown method 'surf'\. Choose from .*hyperfeatures"):
+        create_method("surf")
+    with pytest.raises(ValueError, match=r"unknown method 'surf'.*tap:<name>"):
+        create_method("surf")
     with pytest.raises(ValueError, match=r"unknown method 'layer4'\. Did you mean 'layer-4'\?"):
         create_method("layer4")
     assert list_methods()[:5] == ["hyperfeatures", "layer-4", "concat-all", "dino", "dinov2"]
@@ -439,6 +439,8 @@ def test_unknown_method_and_misplaced_options(tiny_sd: Backbone) -> None:
         "concat-all": "concat",
         "dino": "raw",
         "dinov2": "raw",
+        "dift": "raw",
+        "fusion": "raw",
     }
     with pytest.raises(ValueError, match=r"aggregator: not an option of method 'dino'"):
         create_method("dino", Settings(model="tiny-dino"), aggregator="x.pt")

@@ -66,7 +66,16 @@ def _save_folder(backbone: Backbone, folder: Path, scheduler: dict | None = None
 # --------------------------------------------------------------------------- registry
 def test_registry_names() -> None:
     names = [s.name for s in list_sources("diffusion")]
-    assert names == ["sd15", "sd14", "sd21", "sdxl", "sdxl-turbo", "tiny-sd", "tiny-sdxl"]
+    assert names == [
+        "sd15",
+        "sd14",
+        "sd21",
+        "sd21-768",
+        "sdxl",
+        "sdxl-turbo",
+        "tiny-sd",
+        "tiny-sdxl",
+    ]
     assert SOURCES["sd15"].image_size == 512 and SOURCES["sdxl"].image_size == 1024
     assert SOURCES["sdxl"].family == "sdxl" and SOURCES["sd21"].family == "sd"
     assert SOURCES["tiny-sd"].hub_id is None and SOURCES["tiny-sd"].random_weights

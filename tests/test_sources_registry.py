@@ -127,6 +127,7 @@ def test_registry_contents_and_list_sources() -> None:
         "sd15",
         "sd14",
         "sd21",
+        "sd21-768",
         "sdxl",
         "sdxl-turbo",
         "tiny-sd",
@@ -144,6 +145,7 @@ def test_registry_contents_and_list_sources() -> None:
         "sd14": 512,
         "sdxl-turbo": 512,
         "sd21": 512,
+        "sd21-768": 768,
         "sdxl": 1024,
         "tiny-sd": 64,
         "tiny-sdxl": 64,
@@ -168,8 +170,10 @@ def test_source_spec_by_name_hub_id_and_alias() -> None:
     assert source_spec("facebook/dinov2-base") is SOURCES["dinov2-vitb14"]
     assert source_spec("someone/some-model") is None
     assert source_spec("stable-diffusion") is None
-    # an official id that names other weights (SD 2.1 at 768 px) is not loaded as the base
-    assert source_spec("stabilityai/stable-diffusion-2-1") is None
+    # SD 2.1 at 768 px is its own entry (v-prediction); the original checkpoints' id of SD 2.1
+    # still imports as sd21 (test_source_for_model_id), but the weights it names load as sd21-768
+    assert source_spec("stabilityai/stable-diffusion-2-1") is SOURCES["sd21-768"]
+    assert SOURCES["sd21-768"].official_ids == ()
 
 
 def test_source_for_model_id() -> None:

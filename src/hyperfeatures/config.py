@@ -17,7 +17,9 @@ field               default     meaning
 ``taps``            default     a preset name or tap names (``hyperfeatures layers`` lists
                                 them); ``default`` = the source's own: for diffusion models
                                 ``dhf``, the paper's 12 decoder ResNet layers; for DINO block
-                                9 keys, for DINOv2 block 11 tokens
+                                9 keys, for DINOv2 block 11 tokens; a preset file
+                                (``my-taps.yaml``, ``@sd15-study-rules``) is stored as
+                                its tap names (:mod:`hyperfeatures.presets`)
 ``num_steps``       ``50``      T, the number of DDIM steps of the diffusion process
                                 (1 = one-step; ViT and module sources have T = 1)
 ``steps``           every:5     the steps whose features are kept, parsed into a sorted
@@ -33,11 +35,21 @@ field               default     meaning
                                 ``None`` = ``load_size`` (or ``image_size`` without one)
 ``posterior``       ``"mean"``  latent = VAE posterior ``mean`` (deterministic) or a seeded
                                 ``sample`` (the original code's choice)
-``seed``            ``0``       seed of posterior samples and generation noise (item i of a
-                                run uses ``seed + i``) and of untrained networks
-``prompt``          ``""``      conditioning prompt for real images (``""`` = unconditional)
+``seed``            ``0``       seed of posterior samples, generation noise and added noise
+                                (item i of a run uses ``seed + i``; added noise a salted
+                                ``seed + i``) and of untrained networks
+``prompt``          ``""``      conditioning prompt for real images (``""`` = unconditional);
+                                ``{category}`` in it is filled with each image's category
+                                where one is known (evaluation pairs), else refused
 ``guidance_scale``  ``7.5``     classifier-free guidance of generation
 ``negative_prompt`` ``""``      prompt of the unconditional branch of generation
+``process``         ``"inversion"``  how a diffusion source treats real images:
+                                ``inversion`` (DDIM walk up from the clean latent) or
+                                ``noise`` (seeded noise added at ``noise_timestep``, one UNet
+                                call per draw: DIFT's setting; T = 1, step 0)
+``noise_timestep``  ``261``     timestep t of ``process="noise"`` (0..999; DIFT: 261)
+``ensemble``        ``1``       noise draws per image of ``process="noise"`` (1..64); each
+                                map is the mean over the draws (DIFT: 8)
 ==================  ==========  ==========================================================
 
 Device, dtype and batch size are not settings: they change where and how fast features are
@@ -143,7 +155,8 @@ def _as_step(value: Any) -> int:
 
 _FIX = {
     "model": "a registry name (sd15, sd21, sdxl, dino-vits8, tiny-sd ...), a hub id or a folder",
-    "taps": "a preset name (default, dhf, layer-4, ...) or tap names from `hyperfeatures layers`",
+    "taps": "a preset name (default, dhf, layer-4, ...), tap names from `hyperfeatures layers`, "
+    "or a preset file (my-taps.yaml, @sd15-study-rules)",
     "num_steps": "an integer T in 1..1000 (50 in the paper, 1 = one-step)",
     "steps": "'all', 'every:N', 'first:K', '0,4,9' or a list of integers below num_steps",
     "image_size": f"an integer number of pixels in 8..{MAX_SIZE}, or null for the default",
@@ -151,9 +164,12 @@ _FIX = {
     "match_size": f"an integer number of pixels in 8..{MAX_SIZE}, or null for load_size",
     "posterior": "'mean' or 'sample'",
     "seed": "a non-negative integer below 2**63",
-    "prompt": "a string",
+    "prompt": "a string ('{category}' in it is filled with each image's category)",
     "guidance_scale": "a finite number (7.5 is the usual value, 1 = no guidance)",
     "negative_prompt": "a string",
+    "process": "'inversion' (DDIM inversion) or 'noise' (noise added at noise_timestep)",
+    "noise_timestep": "an integer timestep in 0..999 (261 in DIFT)",
+    "ensemble": "an integer number of noise draws in 1..64 (8 in DIFT)",
 }
 
 
@@ -184,6 +200,9 @@ class Settings(BaseModel):
     prompt: str = Field("", description=_FIX["prompt"])
     guidance_scale: float = Field(7.5, description=_FIX["guidance_scale"])
     negative_prompt: str = Field("", description=_FIX["negative_prompt"])
+    process: Literal["inversion", "noise"] = Field("inversion", description=_FIX["process"])
+    noise_timestep: int = Field(261, ge=0, le=999, description=_FIX["noise_timestep"])
+    ensemble: int = Field(1, ge=1, le=64, description=_FIX["ensemble"])
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -192,6 +211,8 @@ class Settings(BaseModel):
             raise SettingsError(_explain(err)) from None
         if "steps" not in data:  # filled in from the default selection, not given
             self.__pydantic_fields_set__.discard("steps")
+        if "num_steps" not in data:  # filled in for process="noise", not given
+            self.__pydantic_fields_set__.discard("num_steps")
 
     # ------------------------------------------------------------------ validation
     @model_validator(mode="before")
@@ -202,6 +223,8 @@ class Settings(BaseModel):
                 f"settings must be a mapping of field names to values, got {type(data).__name__}"
             )
         data = dict(data)
+        if data.get("process") == "noise":  # one UNet call per draw: T = 1 unless given
+            data.setdefault("num_steps", 1)
         num_steps = data.get("num_steps", 50)
         if isinstance(num_steps, float) and num_steps.is_integer():
             num_steps = int(num_steps)
@@ -220,24 +243,48 @@ class Settings(BaseModel):
 
     @field_validator("taps", mode="before")
     @classmethod
-    def _taps(cls, value: Any) -> Any:
+    def _taps(cls, value: Any, info: Any) -> Any:
+        """Tap names or a preset name, stripped; preset files expanded into their taps.
+
+        A string ending in ``.yaml`` / ``.yml`` / ``.json`` (a file written by ``hyperfeatures
+        select``) or ``"@name"`` (a preset shipped with the package), alone or as an entry
+        of a list, is replaced by the tap names of the file (:mod:`hyperfeatures.presets`):
+        the record stores those names, never the file. The file must be for the record's
+        ``model`` (its ``model`` field or ``model_aliases``); it is checked here, because
+        ``model`` is validated before ``taps`` (``info``: pydantic's ``ValidationInfo``).
+        A record derived later with another ``model`` keeps the names, which the source then
+        validates as usual.
+        """
         if isinstance(value, str):
             if not value.strip():
                 raise ValueError("empty tap name")
-            return value.strip()
-        if isinstance(value, Mapping):
+            value = value.strip()
+        elif isinstance(value, Mapping):
             raise ValueError("a mapping; aliases are an option of capture(), not a setting")
-        if isinstance(value, Iterable):
+        elif isinstance(value, Iterable):
             names = tuple(value)
             if not names:
                 raise ValueError("an empty list")
             bad = [n for n in names if not isinstance(n, str) or not n.strip()]
             if bad:
                 raise ValueError(f"entries {bad!r} are not tap names")
-            return tuple(n.strip() for n in names)
-        return value
+            value = tuple(n.strip() for n in names)
+        else:
+            return value
+        from .presets import expand_taps
 
-    @field_validator("num_steps", "seed", "image_size", "load_size", "match_size", mode="before")
+        return expand_taps(value, model=info.data.get("model"))
+
+    @field_validator(
+        "num_steps",
+        "seed",
+        "image_size",
+        "load_size",
+        "match_size",
+        "noise_timestep",
+        "ensemble",
+        mode="before",
+    )
     @classmethod
     def _strict_int(cls, value: Any) -> Any:
         if isinstance(value, bool):
@@ -254,6 +301,19 @@ class Settings(BaseModel):
         if not math.isfinite(value):
             raise ValueError("not a finite number")
         return value
+
+    @model_validator(mode="after")
+    def _check_process(self) -> Settings:
+        """``process="noise"`` is one step (T = 1, step 0). (``ensemble`` without it is
+        refused by the diffusion source, so that a record of overrides may set it alone.)"""
+        if self.process == "noise" and (self.num_steps != 1 or self.steps != (0,)):
+            raise ValueError(
+                f"settings fields 'num_steps' and 'steps': process='noise' makes one UNet call "
+                f"per draw at noise_timestep, so num_steps must be 1 and steps [0] (got "
+                f"num_steps={self.num_steps}, steps={list(self.steps)}); drop both (they "
+                "default to 1 and [0] with process='noise') or set num_steps=1, steps=[0]"
+            )
+        return self
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -366,129 +426,5 @@ def _explain(err: ValidationError, record: type[BaseModel] | None = None) -> str
     return "; ".join(lines)
 
 
-# =========================================================================== training
-class TrainSettings(BaseModel):
-    """How to train an aggregation network (the paper's recipe by default).
-
-    ========================  ===========  ===================================================
-    field                     default      meaning
-    ========================  ===========  ===================================================
-    ``dataset``               ``spair``    training pairs: a name of ``datasets.load_dataset``
-    ``data_root``             ``None``     its folder (``--data-root``)
-    ``split``                 ``trn``      training split (SPair-71k: ``trn``)
-    ``pairs_file``            ``None``     a pair-list JSON instead of the split's pairs
-    ``val_split``             ``val``      validation split
-    ``val_pairs_file``        ``None``     a validation pair-list JSON
-    ``val_max_pairs``         ``100``      validation pairs scored (the first N)
-    ``max_steps``             ``5000``     optimizer steps (the paper: up to 5000)
-    ``max_steps_per_epoch``   ``None``     pairs per epoch (a seeded permutation, truncated);
-                                           ``None`` = every training pair
-    ``lr``                    ``1e-3``     AdamW learning rate, mixing weights and bottlenecks
-    ``weight_decay``          ``0.0``      AdamW weight decay
-    ``temperature``           ``0.07``     fixed: logits = cosine / temperature (not trained)
-    ``grad_accum``            ``1``        pairs per optimizer step (gradient accumulation)
-    ``mixed_precision``       ``no``       ``no`` / ``fp16`` / ``bf16`` autocast (GPU)
-    ``validate_every``        ``500``      steps between validations (PCK img and bbox)
-    ``checkpoint_every``      ``500``      steps between checkpoints (resumable)
-    ``log_every``             ``10``       steps between log lines (CSV, TensorBoard)
-    ``seed``                  ``0``        pair order and network initialisation
-    ``projection_dim``        ``384``      P, descriptor channels
-    ``init``                  ``None``     initial network: an official ``.pt`` or a folder
-                                           of ``save_pretrained``; ``None`` = seeded init
-    ``cache``                 ``None``     feature-cache folder (maps read, not recomputed);
-                                           ``None`` = online (the source runs every step)
-    ``out``                   ``runs/dhf`` output folder (checkpoints, logs, final network)
-    ========================  ===========  ===================================================
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
-
-    dataset: str = "spair"
-    data_root: str | None = None
-    split: str = "trn"
-    pairs_file: str | None = None
-    val_split: str = "val"
-    val_pairs_file: str | None = None
-    val_max_pairs: int = Field(100, ge=1)
-    max_steps: int = Field(5000, ge=1)
-    max_steps_per_epoch: int | None = Field(None, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    temperature: float = Field(0.07, gt=0)
-    grad_accum: int = Field(1, ge=1)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    validate_every: int = Field(500, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    log_every: int = Field(10, ge=1)
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    projection_dim: int = Field(384, ge=4)
-    init: str | None = None
-    cache: str | None = None
-    out: str = "runs/dhf"
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as err:
-            raise SettingsError(_explain(err, TrainSettings)) from None
-
-    @field_validator("lr", "weight_decay", "temperature")
-    @classmethod
-    def _finite_float(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("not a finite number")
-        return value
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
-
-
-class TrainConfig(BaseModel):
-    """A training run: the extraction settings of the features and the training settings.
-
-    YAML layout (``hyperfeatures train CONFIG.yaml``)::
-
-        settings: {model: sd15, num_steps: 50, steps: every:5, load_size: 64}
-        train: {dataset: spair, data_root: /data/SPair-71k, max_steps: 5000}
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
-
-    settings: Settings = Field(default_factory=Settings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str]) -> TrainConfig:
-        """Read a training config file; errors name the file and the field."""
-        path = Path(path)
-        data = _read_yaml(path, "training config") or {}
-        if not isinstance(data, Mapping):
-            raise SettingsError(f"training config {path}: expected a mapping with settings/train")
-        unknown = sorted(set(data) - {"settings", "train"})
-        if unknown:
-            raise SettingsError(
-                f"training config {path}: unknown sections {unknown}; use 'settings' (what to "
-                "extract) and 'train' (how to train)"
-            )
-        settings = Settings.from_dict(data.get("settings") or {}, source=f"{path}: settings")
-        train_data = data.get("train") or {}
-        if not isinstance(train_data, Mapping):
-            raise SettingsError(f"training config {path}: 'train' must be a mapping")
-        try:
-            train = TrainSettings(**{str(k): v for k, v in train_data.items()})
-        except SettingsError as err:
-            raise SettingsError(f"{path}: train: {err}") from None
-        return cls(settings=settings, train=train)
-
-    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
-        """The config as YAML text; written atomically to ``path`` when given."""
-        import yaml
-
-        text = yaml.safe_dump(
-            {"settings": self.settings.to_dict(), "train": self.train.to_dict()}, sort_keys=False
-        )
-        if path is not None:
-            from ._io import atomic_write_text
-
-            atomic_write_text(path, text)
-        return text
+# The training record lives beside this one (it embeds a Settings); re-exported here.
+from .config_train import TrainConfig, TrainSettings  # noqa: E402

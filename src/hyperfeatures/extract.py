@@ -137,11 +137,13 @@ class ExtractJob:
             return
         from .sources.architectures import unet_architecture
         from .sources.base import resolve_device, resolve_dtype
+        from .sources.prompts import real_image_prompt
         from .sources.registry import source_spec
         from .taps import resolve_taps
 
         resolve_device(self.device)
         resolve_dtype(self.dtype)
+        real_image_prompt(self.settings)  # a {category} template has no category here
         spec = source_spec(self.settings.model)
         if spec is None or spec.kind != "diffusion" or self.model_path is not None:
             return
@@ -272,7 +274,7 @@ class ExtractJob:
                 load_input(p)
         ex = self._extractor()
         with working_folder(self.out, self.console):
-            writer = self._writer(ex, "inversion")
+            writer = self._writer(ex, ex.settings.process)
             settings = writer.metadata
             todo: list[tuple[int, Path, str]] = []
             for i, (p, k) in enumerate(zip(paths, keys, strict=True)):

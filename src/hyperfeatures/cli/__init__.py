@@ -137,6 +137,6 @@ def main() -> None:
         sys.exit(2)
 
 
-from . import benchmark, cache, features, train  # noqa: E402,F401  (registers the commands)
+from . import benchmark, cache, features, segprobe, select, study, train  # noqa: E402,F401
 
 __all__ = ["app", "main"]

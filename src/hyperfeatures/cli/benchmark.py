@@ -27,13 +27,16 @@ from .options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EnsembleOpt,
     ImageSizeOpt,
     LoadSizeOpt,
     MatchSizeOpt,
     ModelOpt,
     ModelPathOpt,
+    NoiseTimestepOpt,
     NumStepsOpt,
     PosteriorOpt,
+    ProcessOpt,
     PromptOpt,
     SeedOpt,
     StepsOpt,
@@ -47,7 +50,14 @@ MethodOpt = Annotated[
     str,
     typer.Option(
         "--method",
-        help="hyperfeatures, layer-4, concat-all, dino, dinov2 or tap:<tap name>.",
+        help="hyperfeatures, layer-4, concat-all, dino, dinov2, dift, fusion or tap:<tap name>.",
+    ),
+]
+VitModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vit-model",
+        help="Method fusion: the ViT part's model (default dinov2-vitb14; tiny-dinov2 offline).",
     ),
 ]
 AggregatorOpt = Annotated[
@@ -220,6 +230,7 @@ def eval_command(
     ] = False,
     aggregator: AggregatorOpt = None,
     first_k: FirstKOpt = None,
+    vit_model: VitModelOpt = None,
     config: ConfigOpt = None,
     model: ModelOpt = None,
     taps: TapsOpt = None,
@@ -231,6 +242,9 @@ def eval_command(
     posterior: PosteriorOpt = None,
     prompt: PromptOpt = None,
     seed: SeedOpt = None,
+    process: ProcessOpt = None,
+    noise_timestep: NoiseTimestepOpt = None,
+    ensemble: EnsembleOpt = None,
     alpha: Annotated[
         list[str] | None,
         typer.Option("--alpha", help="PCK alpha; repeat or comma list (default 0.1)."),
@@ -308,6 +322,7 @@ def eval_command(
             settings,
             aggregator=aggregator,
             first_k=first_k,
+            vit_model=vit_model,
             device=device,
             dtype=dtype,
             model_path=model_path,
@@ -380,6 +395,10 @@ def match_command(
     load_size: LoadSizeOpt = None,
     match_size: MatchSizeOpt = None,
     seed: SeedOpt = None,
+    prompt: PromptOpt = None,
+    process: ProcessOpt = None,
+    noise_timestep: NoiseTimestepOpt = None,
+    ensemble: EnsembleOpt = None,
     out: Annotated[
         Path,
         typer.Option("--out", "-o", help="Figure file (.png, .jpg, .pdf, .svg ...)."),

@@ -21,14 +21,17 @@ from .options import (
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
+    EnsembleOpt,
     GuidanceOpt,
     ImageSizeOpt,
     LoadSizeOpt,
     ModelOpt,
     ModelPathOpt,
     NegativePromptOpt,
+    NoiseTimestepOpt,
     NumStepsOpt,
     PosteriorOpt,
+    ProcessOpt,
     PromptOpt,
     SeedOpt,
     StepsOpt,
@@ -80,6 +83,15 @@ def _layers(
     spec = source_spec(name)
     if size is not None and not 8 <= size <= MAX_SIZE:
         fail(f"--size must be in 8..{MAX_SIZE} pixels, got {size}")
+    wanted: str | list[str] | None = None
+    if taps:
+        from ..presets import expand_taps
+
+        names = [t.strip() for t in taps.split(",") if t.strip()]
+        expanded = expand_taps(
+            names[0] if len(names) == 1 else names, model=spec.name if spec else name
+        )
+        wanted = expanded if isinstance(expanded, str) else list(expanded)
     if spec is not None and spec.kind == "vit":
         from ..sources import load_source
 
@@ -87,7 +99,7 @@ def _layers(
         image_size = size or source.default_image_size
         infos = source.list_taps(image_size)
         presets = source.presets()
-        chosen = set(source.resolve_taps(taps)) if taps else None
+        chosen = set(source.resolve_taps(wanted)) if wanted else None
     else:
         unet = unet_architecture(name, model_path=str(model_path) if model_path else None)
         image_size = size or (spec.image_size if spec else 8 * int(unet.config.sample_size))
@@ -95,7 +107,7 @@ def _layers(
             fail(f"--size must be a multiple of 8 for a diffusion model, got {image_size}")
         infos = list_taps(unet, image_size // 8)
         presets = {k: v[1] for k, v in PRESETS.items()}
-        chosen = set(resolve_taps(unet, taps, model=name)) if taps else None
+        chosen = set(resolve_taps(unet, wanted, model=name)) if wanted else None
     if kind is not None:
         kinds = list(dict.fromkeys(i.kind for i in infos))
         if kind not in kinds:
@@ -164,6 +176,9 @@ def extract(
     prompt: PromptOpt = None,
     guidance_scale: GuidanceOpt = None,
     negative_prompt: NegativePromptOpt = None,
+    process: ProcessOpt = None,
+    noise_timestep: NoiseTimestepOpt = None,
+    ensemble: EnsembleOpt = None,
     output_size: Annotated[
         int | None, typer.Option("--output-size", help="Resize stored maps (default: native).")
     ] = None,

@@ -32,6 +32,9 @@ SETTINGS_FLAGS = (
     "prompt",
     "guidance_scale",
     "negative_prompt",
+    "process",
+    "noise_timestep",
+    "ensemble",
 )
 """Command parameters that are settings fields (same names as in ``Settings``)."""
 
@@ -59,8 +62,9 @@ TapsOpt = Annotated[
     str | None,
     typer.Option(
         "--taps",
-        help="A preset (default, dhf, layer-4, concat-all, attention, extended) or comma-"
-        "separated tap names from `hyperfeatures layers`.",
+        help="A preset (default, dhf, layer-4, concat-all, attention, extended), a preset "
+        "file (my.yaml from `hyperfeatures select`, or a shipped @name such as "
+        "@sd15-study-rules) or comma-separated tap names from `hyperfeatures layers`.",
         rich_help_panel=_SETTINGS,
     ),
 ]
@@ -117,7 +121,10 @@ SeedOpt = Annotated[
 PromptOpt = Annotated[
     str | None,
     typer.Option(
-        "--prompt", help="Prompt for real images (default: none).", rich_help_panel=_SETTINGS
+        "--prompt",
+        help="Prompt for real images (default: none). '{category}' in it is filled with each "
+        "pair's category (eval); elsewhere write the category in.",
+        rich_help_panel=_SETTINGS,
     ),
 ]
 GuidanceOpt = Annotated[
@@ -133,6 +140,31 @@ NegativePromptOpt = Annotated[
     str | None,
     typer.Option(
         "--negative-prompt", help="Negative prompt of generation.", rich_help_panel=_SETTINGS
+    ),
+]
+ProcessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--process",
+        help="Diffusion on real images: inversion (default, DDIM) or noise (noise added at "
+        "--noise-timestep, one UNet call per draw: DIFT).",
+        rich_help_panel=_SETTINGS,
+    ),
+]
+NoiseTimestepOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--noise-timestep",
+        help="Timestep t of --process noise, 0..999 (default 261, DIFT's).",
+        rich_help_panel=_SETTINGS,
+    ),
+]
+EnsembleOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ensemble",
+        help="Noise draws per image of --process noise, maps averaged (default 1; DIFT 8).",
+        rich_help_panel=_SETTINGS,
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]

@@ -13,6 +13,10 @@ method              source, taps and head (``create_method(name, settings)``)
 ``tap:<name>``      diffusion, any single tap (``num_steps`` / ``steps`` choose the call)
 ``dino``            ViT source ``dino-vits8``: keys of block 9, 224 px input, raw map
 ``dinov2``          ViT source ``dinov2-vitb14``: tokens of block 11, 770 px input, raw map
+``dift``            DIFT: ``sd21-768`` (SD 2.1, 768 px input), noise added at t = 261 (mean
+                    of 8 seeded draws), output of decoder block 1 (``up_blocks.1.
+                    upsamplers.0``), prompt ``"a photo of a {category}"``, raw map; matched
+                    on the 224 grid of the other methods
 ==================  =========================================================================
 
 Settings are layered: the method's defaults (table above), then a trained network's saved
@@ -21,11 +25,14 @@ Settings` it passes (``Settings(model="tiny-sd")`` changes only ``model``).
 
 A method is anything with ``name``, ``match_size``, ``descriptors(images) -> (B, C, h, w)``
 and ``describe() -> dict`` (see :class:`Method`); the grid ``h x w`` may be anything, matching
-upsamples it to ``match_size``.
+upsamples it to ``match_size``. A method whose descriptors depend on the images' category (a
+``{category}`` prompt template, as ``dift``) says so with ``uses_category = True``; the
+evaluation then calls ``descriptors(images, category=...)`` with each pair's category.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -35,13 +42,16 @@ import torch
 from PIL import Image
 
 from ..config import Settings, SettingsError
+from ..sources.prompts import fill_prompt, uses_category
 
 __all__ = [
+    "DIFT_TAP",
     "METHODS",
     "TAP_PREFIX",
     "DescriptorMethod",
     "Method",
     "MethodSpec",
+    "call_descriptors",
     "create_method",
     "list_methods",
     "method_settings",
@@ -61,6 +71,9 @@ class Method(Protocol):
     Attributes:
         name: short name used in file names and tables (``"hyperfeatures"``, ``"layer-4"``).
         match_size: side of the grid the descriptors are upsampled to for matching.
+
+    Optional: ``uses_category`` (bool); when true, ``descriptors`` takes a keyword
+    ``category`` and the evaluation passes the category of the images (each pair's).
     """
 
     name: str
@@ -97,6 +110,9 @@ class MethodSpec:
 
 
 _ONE_STEP = {"num_steps": 1, "steps": "all"}
+
+DIFT_TAP = "up_blocks.1.upsamplers.0"
+"""The output of decoder block 1 (after its upsampler): DIFT's ``up_ft_index = 1``."""
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -135,8 +151,53 @@ METHODS: dict[str, MethodSpec] = {
             "DINOv2 ViT-B/14, block 11 tokens, 770 px",
             {"model": "dinov2-vitb14", "taps": "default", **_ONE_STEP},
         ),
+        MethodSpec(
+            "dift",
+            "DIFT",
+            "raw",
+            "SD 2.1 at 768 px, noise added at t=261 (mean of 8 draws), decoder block 1 output",
+            {
+                "model": "sd21-768",
+                "taps": [DIFT_TAP],
+                **_ONE_STEP,
+                "process": "noise",
+                "noise_timestep": 261,
+                "ensemble": 8,
+                "image_size": 768,
+                "load_size": None,
+                "match_size": 224,
+                "prompt": "a photo of a {category}",
+            },
+        ),
+        MethodSpec(
+            "fusion",
+            "Fusion (SD + DINOv2)",
+            "raw",
+            "zero-shot fusion: SD decoder-stage maps + DINOv2 tokens, joint per-pair PCA "
+            "(256 + 256), L2-normalised, weights 0.5 / 0.5",
+            {
+                "taps": [
+                    "up_blocks.0.upsamplers.0",
+                    "up_blocks.1.upsamplers.0",
+                    "up_blocks.2.upsamplers.0",
+                ],
+                **_ONE_STEP,
+            },
+        ),
     )
 }
+
+
+def call_descriptors(method: Method, images: list[Image.Image], category: str | None) -> Any:
+    """``method.descriptors(images)``; a method that ``uses_category`` (a ``{category}`` prompt
+    template) also gets ``category=`` (the images' category, ``None`` where none is known).
+
+    Returns:
+        What the method returns: ``(B, C, h, w)`` descriptors for B images.
+    """
+    if getattr(method, "uses_category", False):
+        return method.descriptors(images, category=category)  # type: ignore[call-arg]
+    return method.descriptors(images)
 
 
 def list_methods() -> list[str]:
@@ -232,6 +293,7 @@ class DescriptorMethod:
         self.pipeline = pipeline
         self.aggregator = aggregator
         self.batch_size = batch_size
+        self._filled: dict[str, Any] = {}  # filled prompt -> pipeline of that prompt
 
     @property
     def settings(self) -> Settings:
@@ -246,10 +308,49 @@ class DescriptorMethod:
         assert size is not None  # image_size is always filled in by the extractor
         return size
 
+    @property
+    def uses_category(self) -> bool:
+        """Whether the descriptors need the images' category: the prompt is a ``{category}``
+        template (``dift``: ``"a photo of a {category}"``)."""
+        return uses_category(self.settings.prompt)
+
     @torch.no_grad()
-    def descriptors(self, images: list[Image.Image]) -> torch.Tensor:
-        """``(B, C, h, w)`` float32 descriptors."""
-        return self.pipeline(list(images), batch_size=self.batch_size)
+    def descriptors(
+        self, images: list[Image.Image], *, category: str | None = None
+    ) -> torch.Tensor:
+        """``(B, C, h, w)`` float32 descriptors.
+
+        Args:
+            images: B RGB images of any sizes.
+            category: the images' category (``"cat"``), filled into a ``{category}`` prompt
+                template; not used when the prompt has none.
+
+        Raises:
+            SettingsError: the prompt is a template and no category is given.
+        """
+        return self._pipeline_for(category)(list(images), batch_size=self.batch_size)
+
+    def _pipeline_for(self, category: str | None) -> Any:
+        """The pipeline whose prompt is the template filled with ``category`` (the method's
+        own pipeline when the prompt is no template). The filled pipelines share the source
+        and the head; only their settings' ``prompt`` differs."""
+        if not self.uses_category:
+            return self.pipeline
+        try:
+            prompt = fill_prompt(self.settings.prompt, category)
+        except SettingsError as err:
+            raise SettingsError(f"method {self.name!r}: {err}") from None
+        filled = self._filled.get(prompt)
+        if filled is None:
+            from ..pipeline import FeatureExtractor
+
+            extractor = self.pipeline.extractor
+            filled = copy.copy(self.pipeline)
+            filled.extractor = FeatureExtractor(
+                extractor.source, extractor.settings.replace(prompt=prompt)
+            )
+            self._filled[prompt] = filled
+        return filled
 
     def describe(self) -> dict[str, Any]:
         source = self.pipeline.source
@@ -291,7 +392,8 @@ def create_method(
     first_k: int | None = None,
     top1: Literal["raw", "bottleneck"] | None = None,
     batch_size: int = 8,
-) -> DescriptorMethod:
+    vit_model: str | None = None,
+) -> Method:
     """Build a method of :data:`METHODS` (or ``"tap:<tap name>"``) ready for evaluation.
 
     Args:
@@ -305,6 +407,7 @@ def create_method(
         device, dtype, model_path: how to load the source.
         first_k, top1: (``hyperfeatures``) the pruned variants of the pipeline.
         batch_size: images per source run.
+        vit_model: (``fusion``) the ViT part's model (default ``dinov2-vitb14``).
 
     Raises:
         ValueError: unknown method (the message lists the valid ones), an option the method
@@ -329,6 +432,20 @@ def create_method(
                 f"{', '.join(used)}: not an option of method {name!r} (aggregator, first_k and "
                 "top1 are for 'hyperfeatures')"
             )
+    if vit_model is not None and spec.name != "fusion":
+        raise ValueError(f"vit_model: not an option of method {name!r} (it is for 'fusion')")
+    if spec.name == "fusion":
+        from .fusion import create_fusion_method
+
+        return create_fusion_method(
+            settings,
+            Settings(model=vit_model) if vit_model is not None else None,
+            source=source,
+            device=device,
+            dtype=dtype,
+            model_path=model_path,
+            batch_size=batch_size,
+        )
     network = load_aggregator(aggregator, device=device) if spec.head == "aggregation" else None
     effective = method_settings(
         name, settings, network_settings=network.settings if network is not None else None

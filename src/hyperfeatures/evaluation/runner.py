@@ -23,6 +23,7 @@ from .._progress import progress_bar
 from ..correspond import match_points_with_scores
 from ..datasets import KeypointPair, PairDataset, load_image
 from ..metrics import PCKAccumulator
+from .methods import call_descriptors
 from .report import (
     FIGURE_KEYPOINTS,
     MAX_FIGURE_KEYPOINTS,
@@ -123,6 +124,13 @@ def _nbytes(x: torch.Tensor) -> int:
 
 
 # =========================================================================== evaluation
+def _cache_key(method: Method, path: str | os.PathLike[str], category: str) -> str:
+    """Cache key of an image's descriptors: its file, plus the category for a method that
+    ``uses_category`` (the same file under two categories has two descriptor maps)."""
+    key = DescriptorCache.key(path)
+    return f"{key}\n{category}" if getattr(method, "uses_category", False) else key
+
+
 def _check_descriptors(method: Method, desc: Any, count: int, paths: Sequence[str]) -> torch.Tensor:
     name = getattr(method, "name", type(method).__name__)
     if not isinstance(desc, torch.Tensor) or desc.ndim != 4 or desc.shape[0] != count:
@@ -321,7 +329,9 @@ def evaluate(
 
     For each pair: descriptors of the source and target images (computed once per image file
     and kept in an LRU :class:`DescriptorCache`; the images of one pair go through the method as
-    one batch), :func:`~hyperfeatures.correspond.match_points_with_scores` on a ``match_size``
+    one batch; a method with ``joint_pairs = True``, whose descriptors depend on both images,
+    gets the pair's two images in every call and nothing is cached),
+    :func:`~hyperfeatures.correspond.match_points_with_scores` on a ``match_size``
     grid (points 1 px outside the image, allowed by the PASCAL-style annotations, are clipped
     onto it), then PCK against the target image size and target box.
 
@@ -431,9 +441,23 @@ def _pair_descriptors(
     pair_id: str,
     cache: DescriptorCache,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float, int]:
-    """``((src (C, h, w), trg (C, h, w)), seconds spent computing, images computed)``."""
+    """``((src (C, h, w), trg (C, h, w)), seconds spent computing, images computed)``.
+
+    A method with ``joint_pairs = True`` (descriptors that depend on both images of the call,
+    e.g. a PCA fitted on the pair) gets the pair's two images in one call, never cached."""
+    if getattr(method, "joint_pairs", False):
+        context = f"pair {pair_id!r}, {pair.origin or 'no annotation file'}"
+        paths = [Path(pair.source_path), Path(pair.target_path)]
+        images = [load_image(path, context=context) for path in paths]
+        t0 = time.perf_counter()
+        desc = call_descriptors(method, images, pair.category)
+        if isinstance(desc, torch.Tensor):
+            _sync(desc)
+        seconds = time.perf_counter() - t0
+        desc = _check_descriptors(method, desc, 2, [str(p) for p in paths])
+        return (desc[0], desc[1]), seconds, 2
     sides = (("source", pair.source_path), ("target", pair.target_path))
-    keys = [DescriptorCache.key(path) for _, path in sides]
+    keys = [_cache_key(method, path, pair.category) for _, path in sides]
     found: dict[str, torch.Tensor] = {}
     missing: list[tuple[str, Path]] = []
     for (_side, path), key in zip(sides, keys, strict=True):
@@ -451,7 +475,7 @@ def _pair_descriptors(
             for _, path in missing
         ]
         t0 = time.perf_counter()
-        desc = method.descriptors(images)
+        desc = call_descriptors(method, images, pair.category)
         if isinstance(desc, torch.Tensor):
             _sync(desc)
         seconds = time.perf_counter() - t0
@@ -470,6 +494,7 @@ def match_pair(
     points: Any,
     *,
     match_size: int | None = None,
+    category: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Transfer points from one image to another with a method (the ``match`` command).
 
@@ -478,19 +503,23 @@ def match_pair(
         source, target: PIL images.
         points: ``(N, 2)`` ``(x, y)`` pixels of the source image, inside ``[0, W) x [0, H)``.
         match_size: matching grid side (default the method's).
+        category: the images' category, for a method whose prompt is a ``{category}``
+            template (``dift``); such a method refuses to run without one.
 
     Returns:
         ``(predicted (N, 2) (x, y) pixels of the target image, similarity (N,))`` as float64
         arrays.
 
     Raises:
-        ValueError: a point outside the source image (the message names it).
+        ValueError: a point outside the source image (the message names it); a SettingsError
+            (a ValueError) for a ``{category}`` template without ``category``.
     """
     match_size = _as_positive_int(
         method.match_size if match_size is None else match_size, "match_size"
     )
     with torch.no_grad():
-        desc = method.descriptors([source.convert("RGB"), target.convert("RGB")])
+        images = [source.convert("RGB"), target.convert("RGB")]
+        desc = call_descriptors(method, images, category)
         desc = _check_descriptors(method, desc, 2, ["source image", "target image"])
         matches = match_points_with_scores(
             desc[0],

@@ -1,11 +1,12 @@
 """Bundled architectures: the real models' configs and the tiny random-weight models.
 
-The UNet and VAE configs of SD 1.5, SD 2.1 and SDXL (their non-default fields of the diffusers
-classes) let the library build the real architectures without downloading anything: with
-seeded random weights for benchmarks (``load_backbone("sd15", random_weights=True)``), or
-weight-less on the ``meta`` device for listing taps (:func:`unet_architecture`). The tiny
-models (``tiny-sd``, ``tiny-sdxl``) keep the block structure of the real ones at narrow widths
-and use a byte-level CLIP tokenizer built in memory (:func:`offline_tokenizer`).
+The UNet and VAE configs of SD 1.5, SD 2.1 (512 and 768 px) and SDXL (their non-default fields
+of the diffusers classes) let the library build the real architectures without downloading
+anything: with seeded random weights for benchmarks (``load_backbone("sd15",
+random_weights=True)``), or weight-less on the ``meta`` device for listing taps
+(:func:`unet_architecture`). The tiny models (``tiny-sd``, ``tiny-sdxl``) keep the block
+structure of the real ones at narrow widths and use a byte-level CLIP tokenizer built in
+memory (:func:`offline_tokenizer`).
 """
 
 from __future__ import annotations
@@ -115,6 +116,13 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 # Same architectures, other weights: SD 1.4 is SD 1.5's architecture; SDXL-Turbo (distilled
 # for one to four steps at 512 px) is SDXL's UNet with a 64x64 default latent.
 ARCHITECTURES["sd14"] = ARCHITECTURES["sd15"]
+# SD 2.1 at 768 px: SD 2.1 base's UNet with a 96x96 default latent, attention computed in fp32
+# (upcast), predicting v.
+ARCHITECTURES["sd21-768"] = {
+    **ARCHITECTURES["sd21"],
+    "unet": {**ARCHITECTURES["sd21"]["unet"], "sample_size": 96, "upcast_attention": True},
+    "prediction_type": "v_prediction",
+}
 ARCHITECTURES["sdxl-turbo"] = {
     **ARCHITECTURES["sdxl"],
     "unet": {**ARCHITECTURES["sdxl"]["unet"], "sample_size": 64},

@@ -11,8 +11,10 @@ A run (:meth:`Backbone.run`) follows the paper: resize the RGB image to ``load_s
 (bilinear), scale to ``[-1, 1]``, upsample (bilinear) to the VAE input ``image_size``; latent =
 ``scaling_factor`` x VAE posterior mean (or a seeded posterior sample, as the original code);
 then DDIM inversion with the taps attached (:func:`~hyperfeatures.sources.diffusion.
-run_with_taps`), stopped after the last selected step. :meth:`Backbone.run_prompts` generates
-images instead, reading features from the conditional branch.
+run_with_taps`), stopped after the last selected step; or, with ``settings.process ==
+"noise"`` (DIFT), seeded noise added at one timestep and one UNet call per draw, each map the
+mean over the draws (:mod:`~hyperfeatures.sources.noise_add`). :meth:`Backbone.run_prompts`
+generates images instead, reading features from the conditional branch.
 
 ``load_backbone("sd15", random_weights=True)`` builds the real architecture from bundled
 configs with seeded random weights and no download (benchmarks, ``hyperfeatures layers``).
@@ -28,15 +30,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from ..config import Settings, SettingsError
 from ..taps import PRESETS, TapInfo, list_taps, resolve_taps
 from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
+from .preprocess import preprocess_images
 
 Family = Literal["sd", "sdxl"]
 
@@ -206,6 +206,16 @@ class Backbone(FeatureSource):
                 f"or {(size // self.latent_factor + 1) * self.latent_factor}"
             )
 
+    def check_settings(self, settings: Settings) -> None:
+        """Also: ``ensemble`` draws exist only with ``process="noise"``."""
+        super().check_settings(settings)
+        if settings.ensemble != 1 and settings.process != "noise":
+            raise SettingsError(
+                f"settings field 'ensemble': {settings.ensemble} draws average the maps of "
+                f"process='noise', not of process={settings.process!r}; set process='noise' "
+                "(--process noise) or ensemble=1"
+            )
+
     def latent_size(self, settings: Settings) -> int:
         """Latent side of a run with ``settings`` (image size / 8)."""
         return self.image_size(settings) // self.latent_factor
@@ -352,22 +362,32 @@ class Backbone(FeatureSource):
         *,
         first_index: int = 0,
     ) -> torch.Tensor:
-        """DDIM-invert ``images`` and send every selected ``(step, tap, map)`` to ``sink``.
+        """Send every selected ``(step, tap, map)`` of ``images`` to ``sink``: DDIM inversion
+        stopped after the last selected step (``settings.process == "inversion"``), or noise
+        added at ``settings.noise_timestep`` with the mean over ``settings.ensemble`` draws
+        (``"noise"``, :func:`~hyperfeatures.sources.noise_add.run_noise_add`).
 
-        Maps are ``(B, C, h, w)`` at the tap's native resolution, in :attr:`dtype`. The chain
-        stops after the last selected step.
+        Maps are ``(B, C, h, w)`` at the tap's native resolution, in :attr:`dtype`. A prompt
+        that is still a ``{category}`` template is refused (fill it first).
 
         Returns:
             The last latent reached, ``(B, 4, S / 8, S / 8)`` float32.
         """
         from .diffusion import invert, run_with_taps, schedule_for
+        from .noise_add import run_noise_add
+        from .prompts import real_image_prompt
 
         self.check_settings(settings)
         taps = self.resolve_taps(settings.taps)
+        prompt = real_image_prompt(settings)
         latents = self.encode(images, settings, first_index=first_index)
-        cond = self.encode_prompts([settings.prompt], image_size=self.image_size(settings)).repeat(
-            latents.shape[0]
-        )
+        size = self.image_size(settings)
+        cond = self.encode_prompts([prompt], image_size=size).repeat(latents.shape[0])
+        schedule = schedule_for(self)
+        if settings.process == "noise":
+            return run_noise_add(
+                self.unet, taps, sink, latents, cond, schedule, settings, first_index
+            )
         return run_with_taps(
             self.unet,
             taps,
@@ -376,7 +396,7 @@ class Backbone(FeatureSource):
             steps=settings.steps,
             latents=latents,
             cond=cond,
-            schedule=schedule_for(self),
+            schedule=schedule,
             num_steps=settings.num_steps,
             last_step=max(settings.steps),
         )
@@ -401,6 +421,11 @@ class Backbone(FeatureSource):
         from .diffusion import generate, run_with_taps, schedule_for
 
         self.check_settings(settings)
+        if settings.process != "inversion":
+            raise SettingsError(
+                f"process={settings.process!r} is for real images; prompts are generated "
+                "(DDIM from noise): drop process (--process)"
+            )
         prompts = list(prompts)
         size = self.image_size(settings)
         if noise is None:
@@ -465,51 +490,3 @@ class Backbone(FeatureSource):
         finally:
             quiet.setLevel(level)
         return self
-
-
-def preprocess_images(
-    images: ImageInput,
-    *,
-    image_size: int,
-    load_size: int | None = None,
-) -> torch.Tensor:
-    """Images -> VAE input ``(B, 3, image_size, image_size)`` in ``[-1, 1]`` (float32).
-
-    Args:
-        images: a PIL image, a list of PIL images (any sizes; converted to RGB), or a float
-            tensor ``(B, 3, H, W)`` / ``(3, H, W)`` with values in ``[0, 1]``.
-        image_size: VAE input size.
-        load_size: intermediate size (bilinear, antialiased when shrinking); ``None`` = skip.
-    """
-    first = load_size or image_size
-    if isinstance(images, Image.Image):
-        images = [images]
-    if isinstance(images, torch.Tensor):
-        x = images.float()
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"image tensor must be (B, 3, H, W) in [0, 1], got {tuple(x.shape)}")
-        if x.min() < -1e-3 or x.max() > 1 + 1e-3:
-            raise ValueError("image tensor values must be in [0, 1]")
-        if tuple(x.shape[-2:]) != (first, first):
-            x = F.interpolate(
-                x, size=(first, first), mode="bilinear", align_corners=False, antialias=True
-            )
-    else:
-        arrays = []
-        for i, img in enumerate(images):
-            if not isinstance(img, Image.Image):
-                raise TypeError(
-                    f"image {i} is a {type(img).__name__}; pass PIL images or a (B, 3, H, W) "
-                    "tensor in [0, 1]"
-                )
-            img = img.convert("RGB").resize((first, first), Image.BILINEAR)
-            arrays.append(np.asarray(img, dtype=np.float32) / 255.0)
-        if not arrays:
-            raise ValueError("no images given")
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    x = x * 2.0 - 1.0
-    if first != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x

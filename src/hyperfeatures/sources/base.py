@@ -173,6 +173,12 @@ class FeatureSource(ABC):
 
     def check_settings(self, settings: Settings) -> None:
         """Raise ``SettingsError`` if ``settings`` do not fit this source (before any work)."""
+        if self.kind != "diffusion" and (settings.process != "inversion" or settings.ensemble != 1):
+            raise SettingsError(
+                f"{self.kind} source {self.name!r} has no diffusion process: process "
+                f"{settings.process!r} and ensemble {settings.ensemble} apply to diffusion "
+                "models only; drop --process / --ensemble (process= / ensemble= in Python)"
+            )
         if self.one_step and (settings.num_steps != 1 or settings.steps != (0,)):
             raise SettingsError(
                 f"{self.kind} source {self.name!r} runs one forward pass per image: set "

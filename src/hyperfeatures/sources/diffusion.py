@@ -21,11 +21,18 @@ T-1         last call (t = (T-2) r)                first call (t = (T-1) r)
 
 So a network trained on inversion steps applies to generation steps with no flag: the
 original code's ``flip_timesteps`` is built into the naming.
+
+Noise-add (``settings.process == "noise"``, DIFT's setting) is the third process: for one
+timestep t, seeded Gaussian noise is added to the clean latent at level t,
+``x_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps``, and the UNet is called once at t with the prompt
+conditioning; it is step 0 of a one-step run (T = 1). With an ensemble of N draws each tap's
+map is the mean over the N calls (:mod:`hyperfeatures.sources.noise_add`: seeded draws and
+the running mean, :class:`~hyperfeatures.sources.noise_add.EnsembleMean`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,12 +46,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NoiseSchedule",
+    "add_noise",
     "ddim_grid",
     "ddim_move",
     "generate",
     "generation_timesteps",
     "inversion_timesteps",
     "invert",
+    "noise_add",
     "run_with_taps",
     "schedule_for",
     "to_epsilon",
@@ -245,6 +254,83 @@ def generate(
             eps = e_u + guidance_scale * (e_c - e_u)
         x = ddim_move(x, eps, a_t, a_next)
     return x
+
+
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, a_t: float) -> torch.Tensor:
+    """The forward process at level ``a_t = alpha_bar[t]``:
+    ``x_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps``.
+
+    Args:
+        latents: ``(B, 4, h, w)`` clean latents ``z0``.
+        noise: ``(B, 4, h, w)`` standard Gaussian noise ``eps``.
+        a_t: ``alpha_bar[t]`` of the schedule (:meth:`NoiseSchedule.alpha_bar`).
+
+    Returns:
+        ``(B, 4, h, w)`` noisy latents, in the promoted dtype of the inputs.
+    """
+    return a_t**0.5 * latents + (1.0 - a_t) ** 0.5 * noise
+
+
+@torch.no_grad()
+def noise_add(
+    unet: nn.Module,
+    latents: torch.Tensor,
+    cond: Conditioning,
+    schedule: NoiseSchedule,
+    *,
+    timestep: int,
+    noise: Iterable[torch.Tensor],
+    before_call: StepHook | None = None,
+    after_call: Callable[[int], None] | None = None,
+    set_batch_slice: Callable[[slice | None], None] | None = None,
+) -> torch.Tensor:
+    """Noise-add (DIFT): one UNet call at ``timestep`` per noise draw, on
+    ``x_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps`` (:func:`add_noise`).
+
+    Every call is step 0 (the run is one step, T = 1); with N draws the taps fire N times at
+    step 0, and a consumer that wants their mean wraps its sink in
+    :class:`~hyperfeatures.sources.noise_add.EnsembleMean`.
+
+    Args:
+        unet: the denoiser.
+        latents: ``(B, 4, h, w)`` scaled clean latents ``z0``.
+        cond: conditioning of batch B (the prompt of the images).
+        schedule: gives ``a_t = alpha_bar[timestep]``.
+        timestep: t, in ``0..num_train_timesteps - 1``.
+        noise: the draws ``eps``, each ``(B, 4, h, w)`` (see
+            :func:`~hyperfeatures.sources.noise_add.noise_draws`).
+        before_call / after_call / set_batch_slice: as for :func:`invert`.
+
+    Returns:
+        The noisy latents of the last draw, ``(B, 4, h, w)`` float32.
+
+    Raises:
+        ValueError: a timestep outside the schedule, no draw, or a draw of the wrong shape.
+    """
+    if not 0 <= timestep < schedule.num_train_timesteps:
+        raise ValueError(
+            f"noise_timestep {timestep} is outside the schedule's timesteps "
+            f"0..{schedule.num_train_timesteps - 1}"
+        )
+    if set_batch_slice is not None:
+        set_batch_slice(None)
+    a_t = schedule.alpha_bar(timestep)
+    z0 = latents.float()
+    x_t: torch.Tensor | None = None
+    for eps in noise:
+        if tuple(eps.shape) != tuple(z0.shape):
+            raise ValueError(
+                f"noise draw {tuple(eps.shape)} does not fit the latents {tuple(z0.shape)}"
+            )
+        x_t = add_noise(z0, eps.to(z0.device, torch.float32), a_t)
+        if before_call is not None:
+            before_call(0, timestep)
+        _call_unet(unet, x_t, timestep, cond)
+        if after_call is not None:
+            after_call(0)
+    if x_t is None:
+        raise ValueError("noise_add needs at least one noise draw")
+    return x_t
 
 
 def schedule_for(backbone: Backbone) -> NoiseSchedule:

@@ -5,6 +5,7 @@ name               kind       weights                                         in
 =================  =========  ==============================================  ============
 ``sd15``           diffusion  ``stable-diffusion-v1-5/stable-diffusion-v1-5``  512 px
 ``sd21``           diffusion  ``stabilityai/stable-diffusion-2-1-base``        512 px
+``sd21-768``       diffusion  ``stabilityai/stable-diffusion-2-1`` (v-pred.)   768 px
 ``sdxl``           diffusion  ``stabilityai/stable-diffusion-xl-base-1.0``     1024 px
 ``tiny-sd``        diffusion  SD-shaped, seeded random weights                64 px
 ``tiny-sdxl``      diffusion  SDXL-shaped, seeded random weights              64 px
@@ -16,7 +17,10 @@ hub id / folder    either     a diffusers repository or a ViT checkpoint      fr
 =================  =========  ==============================================  ============
 
 Each entry also lists the model ids under which the original implementation's checkpoints
-name the same model (``official_ids``), so importing such a checkpoint finds its source.
+name the same model (``official_ids``), so importing such a checkpoint finds its source. An
+official id names one entry: ``stabilityai/stable-diffusion-2-1``, the id of the original SD 2.1
+checkpoints, maps to ``sd21`` (512 px), while the same id given as a model name loads its own
+weights, ``sd21-768`` (SD 2.1 at 768 px, v-prediction: DIFT's backbone).
 """
 
 from __future__ import annotations
@@ -118,6 +122,15 @@ SOURCES: dict[str, SourceSpec] = {
                 "stabilityai/stable-diffusion-2-1-base",
                 "stabilityai/stable-diffusion-2-1",
             ),
+        ),
+        SourceSpec(  # its hub id is an official id of sd21 (see the module docstring)
+            "sd21-768",
+            "diffusion",
+            "sd",
+            "stabilityai/stable-diffusion-2-1",
+            768,
+            "dhf",
+            "Stable Diffusion 2.1 at 768 px, v-prediction (DIFT's backbone)",
         ),
         SourceSpec(
             "sdxl",
