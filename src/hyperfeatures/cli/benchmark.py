@@ -24,6 +24,7 @@ from ..evaluation.figures import (
 )
 from . import app, console, err_console, fail
 from .options import (
+    MAX_SEED,
     ConfigOpt,
     DeviceOpt,
     DtypeOpt,
@@ -41,6 +42,8 @@ from .options import (
     SeedOpt,
     StepsOpt,
     TapsOpt,
+    check_int,
+    check_settings_flags,
     parse_alphas,
     parse_points,
     settings_from,
@@ -72,51 +75,10 @@ FirstKOpt = Annotated[
     int | None, typer.Option("--first-k", help="hyperfeatures: stop after the first K steps.")
 ]
 
-MAX_SEED = 2**63 - 1
-"""Largest ``--seed``: item ``i`` of a run is seeded with ``seed + i``, and torch generators
-take at most 64-bit seeds."""
-
 MAX_FIRST_K = 1000
 """Largest ``--first-k`` (the most diffusion steps, ``num_steps`` <= 1000)."""
 
 _DEFAULT_OUT_ROOT = Path("eval-results")
-
-# settings flags of eval / match that take integers: flag -> Settings field
-_INT_SETTINGS = {
-    "--num-steps": "num_steps",
-    "--image-size": "image_size",
-    "--match-size": "match_size",
-    "--seed": "seed",
-}
-
-
-def _check_int(value: int | None, flag: str, low: int, high: int | None, what: str = "") -> None:
-    """One line naming ``flag`` and its limits when ``value`` (given) lies outside them."""
-    if value is None:
-        return
-    if value < low or (high is not None and value > high):
-        limits = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{flag} must be an integer {limits}{what}, got {value}")
-
-
-def _settings_limits(field: str) -> tuple[int, int | None]:
-    """``(lowest, highest)`` accepted by the settings record for an integer field."""
-    low, high = 0, None
-    for rule in Settings.model_fields[field].metadata:
-        low = getattr(rule, "ge", low)
-        high = getattr(rule, "le", high)
-    return low, high
-
-
-def _check_settings_flags(arguments: dict[str, Any]) -> None:
-    """The integer settings flags given, each against the limits of its settings field."""
-    for flag, field in _INT_SETTINGS.items():
-        if field not in arguments:
-            continue
-        low, high = _settings_limits(field)
-        if field == "seed":
-            high = MAX_SEED
-        _check_int(arguments[field], flag, low, high)
 
 
 def _check_seed(settings: Settings, config: Path | None) -> None:
@@ -294,12 +256,12 @@ def eval_command(
     try:
         _check_method_options(method, **{"--aggregator": aggregator, "--first-k": first_k})
         alphas = parse_alphas(alpha)
-        _check_int(figures, "--figures", 0, MAX_FIGURES, " (0 = no figures)")
-        _check_int(figure_points, "--figure-points", 1, MAX_FIGURE_KEYPOINTS)
-        _check_int(max_pairs, "--max-pairs", 1, None)
-        _check_int(per_category, "--per-category", 0, None, " (0 = every pair)")
-        _check_int(first_k, "--first-k", 1, MAX_FIRST_K)
-        _check_settings_flags(locals())
+        check_int(figures, "--figures", 0, MAX_FIGURES, " (0 = no figures)")
+        check_int(figure_points, "--figure-points", 1, MAX_FIGURE_KEYPOINTS)
+        check_int(max_pairs, "--max-pairs", 1, None)
+        check_int(per_category, "--per-category", 0, None, " (0 = every pair)")
+        check_int(first_k, "--first-k", 1, MAX_FIRST_K)
+        check_settings_flags(locals())
         settings = settings_from(locals())
         _check_seed(settings, config)
         if out is not None:
@@ -419,7 +381,7 @@ def match_command(
     try:
         _check_method_options(method, **{"--aggregator": aggregator})
         pts = parse_points(points)
-        _check_settings_flags(locals())
+        check_settings_flags(locals())
         check_figure_path(out, what="--out")
         src = load_image(source, context="source image", exif_transpose=True)
         trg = load_image(target, context="target image", exif_transpose=True)

@@ -4,6 +4,8 @@ Every command that extracts features takes the same settings flags (or ``--confi
 with the same field names); :func:`build_settings` turns the flags the user gave into a
 :class:`~hyperfeatures.config.Settings` record, so each setting has one name and one default
 (the table in :mod:`hyperfeatures.config`) from the command line to the diffusion loop.
+:func:`check_int` and :func:`check_settings_flags` check integer flags against their limits
+before any work (one line naming the flag).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import typer
 
 from ..config import Settings, SettingsError
 
-__all__ = ["build_settings", "parse_alphas", "parse_points", "parse_size", "settings_from"]
+__all__ = [
+    "MAX_SEED",
+    "build_settings",
+    "check_int",
+    "check_settings_flags",
+    "parse_alphas",
+    "parse_points",
+    "parse_size",
+    "settings_from",
+]
 
 SETTINGS_FLAGS = (
     "model",
@@ -213,6 +224,49 @@ def settings_from(arguments: Mapping[str, Any]) -> Settings:
     parameter named like a settings field."""
     flags = {k: arguments[k] for k in SETTINGS_FLAGS if k in arguments}
     return build_settings(arguments.get("config"), **flags)
+
+
+MAX_SEED = 2**63 - 1
+"""Largest ``--seed``: item ``i`` of a run is seeded with ``seed + i``, and torch generators
+take at most 64-bit seeds."""
+
+
+# integer settings flags checked by eval, match, sweep and probe: flag -> Settings field
+_INT_SETTINGS = {
+    "--num-steps": "num_steps",
+    "--image-size": "image_size",
+    "--match-size": "match_size",
+    "--seed": "seed",
+}
+
+
+def check_int(value: int | None, flag: str, low: int, high: int | None, what: str = "") -> None:
+    """One line naming ``flag`` and its limits when ``value`` (given) lies outside them."""
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        limits = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"{flag} must be an integer {limits}{what}, got {value}")
+
+
+def _settings_limits(field: str) -> tuple[int, int | None]:
+    """``(lowest, highest)`` accepted by the settings record for an integer field."""
+    low, high = 0, None
+    for rule in Settings.model_fields[field].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    return low, high
+
+
+def check_settings_flags(arguments: dict[str, Any]) -> None:
+    """The integer settings flags given, each against the limits of its settings field."""
+    for flag, field in _INT_SETTINGS.items():
+        if field not in arguments:
+            continue
+        low, high = _settings_limits(field)
+        if field == "seed":
+            high = MAX_SEED
+        check_int(arguments[field], flag, low, high)
 
 
 def parse_alphas(values: list[str] | None) -> list[float]:

@@ -33,6 +33,7 @@ from .options import (
     SeedOpt,
     StepsOpt,
     TapsOpt,
+    check_int,
     settings_from,
 )
 
@@ -66,11 +67,6 @@ def check_out_dir(out: Path, *, overwrite: bool) -> None:
             f"--out {out} holds the results of an earlier probe; pass --overwrite to replace "
             "them or choose another --out"
         )
-
-
-def _check_int(value: int | None, flag: str, low: int) -> None:
-    if value is not None and value < low:
-        raise ValueError(f"{flag} must be an integer >= {low}, got {value}")
 
 
 def _safe(text: str) -> str:
@@ -189,7 +185,7 @@ def segprobe_command(
             (probe_steps, "--probe-steps", 1),
             (probe_batch, "--probe-batch", 1),
         ):
-            _check_int(value, flag, low)
+            check_int(value, flag, low, None)
         if not lr > 0 or lr == float("inf"):
             raise ValueError(f"--lr must be a positive number, got {lr}")
         if aggregator is not None and grid is not None:

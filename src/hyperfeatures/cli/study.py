@@ -18,7 +18,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import app, console, err_console, fail
-from .benchmark import _check_int, _check_settings_flags
 from .options import (
     ConfigOpt,
     DeviceOpt,
@@ -33,6 +32,8 @@ from .options import (
     SeedOpt,
     StepsOpt,
     TapsOpt,
+    check_int,
+    check_settings_flags,
     settings_from,
 )
 
@@ -99,16 +100,16 @@ def _prepare(arguments: dict[str, Any], names: Sequence[str], what: str) -> tupl
     from ..study.sweep import study_pairs
 
     a = arguments
-    _check_int(a["max_pairs"], "--max-pairs", 1, None)
-    _check_int(a["per_category"], "--per-category", 0, None, " (0 = every pair)")
-    _check_int(a["batch_size"], "--batch-size", 1, None)
-    _check_int(a["top"], "--top", 1, None)
+    check_int(a["max_pairs"], "--max-pairs", 1, None)
+    check_int(a["per_category"], "--per-category", 0, None, " (0 = every pair)")
+    check_int(a["batch_size"], "--batch-size", 1, None)
+    check_int(a["top"], "--top", 1, None)
     for flag, low in (("radius", 1), ("gram_size", 2), ("max_images", 1)):
         if flag in a:
-            _check_int(a[flag], f"--{flag.replace('_', '-')}", low, None)
+            check_int(a[flag], f"--{flag.replace('_', '-')}", low, None)
     if not 0 < a["alpha"] <= 1:
         raise ValueError(f"--alpha must be in (0, 1], got {a['alpha']:g}")
-    _check_settings_flags(a)
+    check_settings_flags(a)
     settings = settings_from(a)
     _check_out(a["out"], names, a["overwrite"], what)
     _check_taps(settings, a["model_path"])

@@ -2,7 +2,11 @@
 
 - :mod:`~hyperfeatures.evaluation.methods`: the methods of the paper's tables, each a feature
   source + taps + a descriptor head, built by one factory (:func:`create_method`).
+- :mod:`~hyperfeatures.evaluation.descriptor_method`: :class:`DescriptorMethod`, a registry
+  method (a descriptor pipeline with a name).
 - :mod:`~hyperfeatures.evaluation.runner`: :func:`evaluate` (the loop) and :func:`match_pair`.
+- :mod:`~hyperfeatures.evaluation.descriptor_cache`: :class:`DescriptorCache`, the LRU store
+  of the descriptor maps of recent images.
 - :mod:`~hyperfeatures.evaluation.report`: :class:`EvalResult` (tables, JSON / CSV files,
   figures, the manifest).
 - :mod:`~hyperfeatures.evaluation.outputs`: the output folder: :func:`check_output_dir`
@@ -46,9 +50,10 @@ from .predictions import PairPrediction
 from .report import EvalResult
 
 if TYPE_CHECKING:
+    from .descriptor_cache import DescriptorCache
+    from .descriptor_method import DescriptorMethod
     from .methods import (
         METHODS,
-        DescriptorMethod,
         Method,
         MethodSpec,
         create_method,
@@ -56,20 +61,20 @@ if TYPE_CHECKING:
         method_settings,
         method_spec,
     )
-    from .runner import DescriptorCache, check_pairs, evaluate, match_pair
+    from .runner import check_pairs, evaluate, match_pair
 
 # names imported on first use (they need torch): the command line imports this package's
 # light parts (limits, output-folder checks) without paying for torch at start-up
 _LAZY = {
     "METHODS": "methods",
-    "DescriptorMethod": "methods",
+    "DescriptorMethod": "descriptor_method",
     "Method": "methods",
     "MethodSpec": "methods",
     "create_method": "methods",
     "list_methods": "methods",
     "method_settings": "methods",
     "method_spec": "methods",
-    "DescriptorCache": "runner",
+    "DescriptorCache": "descriptor_cache",
     "check_pairs": "runner",
     "evaluate": "runner",
     "match_pair": "runner",

@@ -44,8 +44,8 @@ import torch
 from PIL import Image
 
 from ..config import Settings, SettingsError
+from .descriptor_cache import DescriptorCache
 from .methods import _explicit
-from .runner import DescriptorCache
 
 __all__ = [
     "DEFAULT_DIMS",
