@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..viz import save_figure, short_tap_name
+from ..viz._common import _finish, _new_figure
 
 if TYPE_CHECKING:
     from .probes import PropertyResult
@@ -42,15 +42,7 @@ _STEP_LABEL = "diffusion step (0 = cleanest)"
 
 
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _finish(fig: Figure, out: PathLike | None) -> Figure:
-    if out is not None:
-        save_figure(fig, out)
-    return fig
+    return _new_figure((width, height), 100)
 
 
 def _colours(kinds: Sequence[str]) -> dict[str, Any]:
