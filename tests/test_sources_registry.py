@@ -562,12 +562,17 @@ def test_hub_probe_is_fast_and_cached(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(hub_module, "_REACHABLE", {})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for var in hub_module._PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
     start = time.perf_counter()
     assert hub_module.hub_reachable() is False
     assert time.perf_counter() - start < hub_module.HUB_PROBE_TIMEOUT_S + 1
     assert hub_module.local_files_only() is True
     assert hub_module._REACHABLE == {"http://127.0.0.1:9": False}
+    # behind a proxy a direct probe cannot judge: the client is left to go through it
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub_module.hub_reachable() is True and hub_module.local_files_only() is False
 
 
 def test_hub_deprecation_warning_is_silenced_at_its_source(

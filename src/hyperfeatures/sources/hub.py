@@ -83,6 +83,14 @@ def _first_line(err: BaseException) -> str:
 HUB_PROBE_TIMEOUT_S = 3.0
 
 _REACHABLE: dict[str, bool] = {}
+_PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 def hub_endpoint() -> str:
@@ -94,9 +102,13 @@ def hub_reachable() -> bool:
     """Whether a TCP connection to the hub endpoint opens within :data:`HUB_PROBE_TIMEOUT_S`.
 
     Probed once per process and endpoint. Without it, a machine with no network waits for
-    the Hugging Face client's retries (about 30 s) before every missing-weights error.
+    the Hugging Face client's retries (about 30 s) before every missing-weights error. With a
+    proxy configured (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``) the hub counts as
+    reachable: the client goes through the proxy, which a direct probe cannot judge.
     """
     endpoint = hub_endpoint()
+    if any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return True  # a proxy carries the traffic: a direct connection says nothing
     if endpoint not in _REACHABLE:
         url = urlsplit(endpoint)
         port = url.port or (443 if url.scheme == "https" else 80)
