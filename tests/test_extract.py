@@ -128,6 +128,7 @@ def test_extract_end_to_end(tmp_path: Path, image_dir: Path, tiny_sd: Backbone) 
     result = _invoke("extract", str(image_dir), "--out", str(out), *FAST)
     assert result.exit_code == 0, result.output
     assert str(out) in result.output
+    assert "wrote 2 feature files in " in result.output and "per second)" in result.output
     assert _features(out) == ["a.safetensors", "b.safetensors"]
     infos = {i.name: i for i in list_taps(tiny_sd.unet, 8)}
     expected_keys = {f"step_{s}/{t}" for s in range(3) for t in DHF}
@@ -359,3 +360,20 @@ def test_unknown_tap_exits_2_with_one_line(tmp_path: Path, image_dir: Path) -> N
 def test_unknown_tap_in_the_library_names_the_lister(tiny_sd: Backbone) -> None:
     with pytest.raises(ValueError, match="hyperfeatures layers"):
         resolve_taps(tiny_sd.unet, ["nope"])
+
+
+def test_the_job_reports_its_throughput(tmp_path: Path, image_dir: Path, tiny_sd: Backbone) -> None:
+    """The summary gives the seconds of the extraction loop and items per second; a run that
+    only skips existing files reports no rate."""
+    from hyperfeatures.extract import ExtractJob
+
+    settings = Settings(model="tiny-sd", num_steps=1, steps=[0], image_size=64, load_size=None)
+    ex = FeatureExtractor(tiny_sd, settings)
+    summary = ExtractJob(out=tmp_path / "o", settings=settings, extractor=ex).run_images(
+        [image_dir]
+    )
+    assert summary["written"] == 2 and summary["seconds"] > 0
+    assert summary["items_per_second"] == pytest.approx(2 / summary["seconds"], rel=0.01)
+    again = ExtractJob(out=tmp_path / "o", settings=settings, extractor=ex, resume=True)
+    summary = again.run_images([image_dir])
+    assert summary["written"] == 0 and summary["items_per_second"] is None

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,7 @@ class ExtractJob:
     _pending: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict, init=False)
     _writer_in_use: DiskWriter | None = field(default=None, init=False)
     _total: int = field(default=0, init=False)
+    _seconds: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -222,15 +224,18 @@ class ExtractJob:
     def _summary(self) -> dict[str, Any]:
         items = list(self._entries.values())
         failed = [i for i in items if i["status"] == "failed"]
+        written = sum(i["status"] == "ok" for i in items)
         return {
             "out": str(self.out),
             "manifest": str(self.out / MANIFEST),
             "total": self._total,
-            "written": sum(i["status"] == "ok" for i in items),
+            "written": written,
             "skipped": sum(i["status"] == "skipped" for i in items),
             "failed": len(failed),
             "failed_inputs": [i["input"] for i in failed],
             "errors": [f"{i['input']}: {i['error']}" for i in failed],
+            "seconds": round(self._seconds, 3),
+            "items_per_second": written / self._seconds if written and self._seconds > 0 else None,
         }
 
     def _interrupted(self, err: KeyboardInterrupt) -> ExtractInterrupted:
@@ -291,6 +296,7 @@ class ExtractJob:
                 if "original_size" in meta:
                     entry["original_size"] = meta["original_size"]
                 self._add(i, entry)
+            started = time.perf_counter()
             with progress_bar(console=self.console) as bar:
                 task = bar.add_task("extracting", total=len(todo))
                 for start in range(0, len(todo), self.batch_size):
@@ -298,6 +304,7 @@ class ExtractJob:
                     self._run_image_chunk(ex, writer, chunk)
                     self._save_manifest()
                     bar.advance(task, len(chunk))
+            self._seconds += time.perf_counter() - started
             self._save_manifest()
         return self._summary()
 
@@ -387,6 +394,7 @@ class ExtractJob:
                     self._add(i, entry)
                 else:
                     todo.append((i, prompt, k))
+            started = time.perf_counter()
             with progress_bar(console=self.console) as bar:
                 task = bar.add_task("generating", total=len(todo))
                 # noise seeds are seed + prompt index: batch only consecutive indices
@@ -399,6 +407,7 @@ class ExtractJob:
                     self._run_prompt_chunk(ex, writer, chunk)
                     self._save_manifest()
                     bar.advance(task, len(chunk))
+            self._seconds += time.perf_counter() - started
             self._save_manifest()
         return self._summary()
 

@@ -323,9 +323,11 @@ def _print_interrupted(summary: dict[str, Any], signum: int, command: str) -> No
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
+    rate = summary.get("items_per_second")
+    speed = f" in {summary['seconds']:.1f} s ({rate:.2f} per second)" if rate else ""
     console.print(
-        f"wrote {summary['written']} feature files, skipped {summary['skipped']} existing, "
-        f"{summary['failed']} failed -> {escape(summary['out'])} "
+        f"wrote {summary['written']} feature files{speed}, skipped {summary['skipped']} "
+        f"existing, {summary['failed']} failed -> {escape(summary['out'])} "
         f"(manifest: {escape(summary['manifest'])})",
         highlight=False,
     )
