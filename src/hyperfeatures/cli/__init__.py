@@ -137,6 +137,16 @@ def main() -> None:
         sys.exit(2)
 
 
-from . import benchmark, cache, features, segprobe, select, study, train  # noqa: E402,F401
+from . import (  # noqa: E402,F401  (registers the commands)
+    benchmark,
+    cache,
+    features,
+    figures,
+    segprobe,
+    select,
+    study,
+    train,
+    warp,
+)
 
 __all__ = ["app", "main"]

@@ -40,6 +40,7 @@ from ._common import (
 from .correspondences import CORRECT_COLOUR, WRONG_COLOUR, plot_correspondences, point_colours
 from .mixing import plot_mixing_weights, short_tap_name
 from .pca import pca_rgb, save_pca_images
+from .results import plot_image_rows, plot_pck_bars, read_eval_results, read_pair_predictions
 from .warp import overlay_mask, plot_warp
 
 __all__ = [
@@ -50,9 +51,13 @@ __all__ = [
     "overlay_mask",
     "pca_rgb",
     "plot_correspondences",
+    "plot_image_rows",
     "plot_mixing_weights",
+    "plot_pck_bars",
     "plot_warp",
     "point_colours",
+    "read_eval_results",
+    "read_pair_predictions",
     "render_figure",
     "save_figure",
     "save_image",
