@@ -142,9 +142,11 @@ from . import (  # noqa: E402,F401  (registers the commands)
     cache,
     features,
     figures,
+    propagate,
     segprobe,
     select,
     study,
+    synth,
     train,
     warp,
 )
