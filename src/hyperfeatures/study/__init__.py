@@ -1,8 +1,6 @@
 """The activation study: sweeps, property probes, feature selection, segmentation probes."""
 
-import importlib
-from typing import Any
-
+from .._lazy import lazy_getattr
 from .selection import (
     Budget,
     Selection,
@@ -48,10 +46,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
