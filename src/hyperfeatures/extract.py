@@ -33,6 +33,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ class ExtractJob:
     storage: str = "fp32"
     device: str = "cpu"
     dtype: str = "fp32"
+    speed: str | None = None
     strict: bool = False
     recursive: bool = False
     resume: bool = False
@@ -120,6 +122,10 @@ class ExtractJob:
             raise ValueError("resume and overwrite exclude each other")
         if self.storage not in ("fp32", "fp16"):
             raise ValueError(f"storage must be fp32 or fp16, got {self.storage!r}")
+        if self.speed is not None:
+            from .sources.speed import resolve_speed
+
+            resolve_speed(self.speed)  # an unknown mode fails before anything is loaded
 
     # ------------------------------------------------------------------ checks
     def _check_out(self) -> None:
@@ -161,7 +167,11 @@ class ExtractJob:
     def _extractor(self) -> FeatureExtractor:
         if self.extractor is None:
             self.extractor = FeatureExtractor.from_settings(
-                self.settings, device=self.device, dtype=self.dtype, model_path=self.model_path
+                self.settings,
+                device=self.device,
+                dtype=self.dtype,
+                model_path=self.model_path,
+                speed=self.speed,
             )
         return self.extractor
 
@@ -177,7 +187,13 @@ class ExtractJob:
         }
         dtype = torch.float16 if self.storage == "fp16" else torch.float32
         self._record = settings
-        writer = DiskWriter(self.out, dtype=dtype, metadata=settings, output_size=self.output_size)
+        writer = DiskWriter(
+            self.out,
+            dtype=dtype,
+            metadata=settings,
+            output_size=self.output_size,
+            background=mode != "generation",
+        )
         self._writer_in_use = writer
         return writer
 
@@ -210,8 +226,13 @@ class ExtractJob:
         self._order[entry["key"]] = index
 
     def _collect_written(self, writer: DiskWriter) -> None:
-        """Record the files of the current batch that are complete on disk."""
-        for path in writer.batch_written:
+        """Record the files of the last batch that are complete on disk (waiting for a batch
+        that is being written in the background)."""
+        try:
+            writer.wait()
+        finally:
+            written = list(writer.batch_written)
+        for path in written:
             key = path.name.removesuffix(FEATURES_SUFFIX)
             if key in self._pending:
                 self._add(*self._pending.pop(key))
@@ -297,36 +318,66 @@ class ExtractJob:
                     entry["original_size"] = meta["original_size"]
                 self._add(i, entry)
             started = time.perf_counter()
-            with progress_bar(console=self.console) as bar:
+            chunks = [todo[s : s + self.batch_size] for s in range(0, len(todo), self.batch_size)]
+            # The next chunk's images are decoded in a background thread while the model runs
+            # on this one, and each batch is written by the writer's thread while the model
+            # runs on the next: the model waits for neither.
+            with (
+                progress_bar(console=self.console) as bar,
+                ThreadPoolExecutor(1, thread_name_prefix="hyperfeatures-loader") as loader,
+            ):
                 task = bar.add_task("extracting", total=len(todo))
-                for start in range(0, len(todo), self.batch_size):
-                    chunk = todo[start : start + self.batch_size]
-                    self._run_image_chunk(ex, writer, chunk)
-                    self._save_manifest()
-                    bar.advance(task, len(chunk))
+                ahead = loader.submit(self._load_chunk, chunks[0]) if chunks else None
+                try:
+                    for n, chunk in enumerate(chunks):
+                        assert ahead is not None
+                        loaded = ahead.result()
+                        if n + 1 < len(chunks):
+                            ahead = loader.submit(self._load_chunk, chunks[n + 1])
+                        self._run_image_chunk(ex, writer, loaded)
+                        self._save_manifest()
+                        bar.advance(task, len(chunk))
+                    self._collect_written(writer)
+                finally:
+                    writer.close()
             self._seconds += time.perf_counter() - started
             self._save_manifest()
         return self._summary()
 
-    def _run_image_chunk(
-        self, ex: FeatureExtractor, writer: DiskWriter, chunk: Sequence[tuple[int, Path, str]]
-    ) -> None:
-        """Load a chunk's images (an unreadable one fails alone) and write their features."""
-        ok: list[tuple[int, Path, str, Image.Image]] = []
+    def _load_chunk(
+        self, chunk: Sequence[tuple[int, Path, str]]
+    ) -> list[tuple[int, Path, str, Image.Image | ImageLoadError]]:
+        """Decode a chunk's images (runs in the loader thread); an unreadable image gives its
+        error in place of the image."""
+        out: list[tuple[int, Path, str, Image.Image | ImageLoadError]] = []
         for i, p, k in chunk:
             try:
-                img = load_input(p)
+                out.append((i, p, k, load_input(p)))
             except ImageLoadError as err:
+                out.append((i, p, k, err))
+        return out
+
+    def _run_image_chunk(
+        self,
+        ex: FeatureExtractor,
+        writer: DiskWriter,
+        chunk: Sequence[tuple[int, Path, str, Image.Image | ImageLoadError]],
+    ) -> None:
+        """Run a chunk's decoded images (an unreadable one fails alone) and hand their
+        features to the writer; the files of the previous batch are recorded meanwhile."""
+        ok: list[tuple[int, Path, str, Image.Image]] = []
+        for i, p, k, img in chunk:
+            if isinstance(img, ImageLoadError):
                 if self.strict:
-                    raise
-                self._add(i, {"input": str(p), "key": k, "status": "failed", "error": str(err)})
+                    raise img
+                self._add(i, {"input": str(p), "key": k, "status": "failed", "error": str(img)})
                 continue
             ok.append((i, p, k, img))
         # Posterior-sample seeds are seed + input index and run_images numbers its batch
         # from first_index: batch only runs of consecutive indices (a skipped or unreadable
         # input in between would shift the seeds of those after it).
         for run in consecutive_runs(ok):
-            self._pending = {
+            pending = {
                 k: (
                     i,
                     {
@@ -351,8 +402,9 @@ class ExtractJob:
                 ],
             )
             ex.run([img for *_, img in run], writer, first_index=run[0][0])
-            writer.end_batch()
-            self._collect_written(writer)
+            self._collect_written(writer)  # the previous batch's files
+            self._pending.update(pending)
+            writer.end_batch()  # this batch: written while the model runs the next one
 
     # ------------------------------------------------------------------ prompts
     def run_prompts(self, prompts_file: str | os.PathLike[str]) -> dict[str, Any]:

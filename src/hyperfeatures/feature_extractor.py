@@ -103,12 +103,14 @@ class FeatureExtractor:
         dtype: str | torch.dtype | None = None,
         model_path: str | os.PathLike[str] | None = None,
         torch_dtype: str | torch.dtype | None = None,
+        speed: str | None = None,
     ) -> FeatureExtractor:
         """Load the source ``settings.model`` and wrap it (``torch_dtype`` is an alias of
-        ``dtype``, as in diffusers)."""
+        ``dtype``, as in diffusers; ``speed``: the source's speed mode, see
+        :mod:`~hyperfeatures.sources.speed`)."""
         dtype = _dtype_argument(dtype, torch_dtype)
         source = load_source(
-            settings.model, device=device, dtype=dtype, model_path=model_path, seed=0
+            settings.model, device=device, dtype=dtype, model_path=model_path, seed=0, speed=speed
         )
         return cls(source, settings)
 

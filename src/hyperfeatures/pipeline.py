@@ -34,7 +34,7 @@ from .feature_extractor import (
     as_image_list,
 )
 from .sinks import Sink, Stack, StreamingAggregator, Top1
-from .sources import FeatureSource, load_source
+from .sources import FeatureSource, load_source, set_speed
 from .sources.base import count_images
 
 __all__ = [
@@ -274,6 +274,7 @@ class HyperfeaturePipeline(DescriptorPipeline):
         first_k: int | None = None,
         top1: Literal["raw", "bottleneck"] | None = None,
         torch_dtype: str | torch.dtype | None = None,
+        speed: str | None = None,
     ) -> HyperfeaturePipeline:
         """Load an aggregation network and the feature source its settings name.
 
@@ -289,13 +290,19 @@ class HyperfeaturePipeline(DescriptorPipeline):
                 :func:`~hyperfeatures.sources.load_source`).
             first_k, top1: the pruned variants (see the class).
             torch_dtype: alias of ``dtype`` (the diffusers spelling).
+            speed: speed mode of a diffusion source (``parity`` default, ``bf16``, ``fp16``,
+                ``compile``, ``plain``; :mod:`~hyperfeatures.sources.speed`).
         """
         dtype = _dtype_argument(dtype, torch_dtype)
         network = load_aggregator(aggregator, device=device)
         if settings is None:
             settings = network.settings if network is not None else Settings()
         if source is None:
-            source = load_source(settings.model, device=device, dtype=dtype, model_path=model_path)
+            source = load_source(
+                settings.model, device=device, dtype=dtype, model_path=model_path, speed=speed
+            )
+        elif speed is not None:
+            set_speed(source, speed)
         if network is None:
             warnings.warn(
                 "no aggregator given: using an UNTRAINED aggregation network (random bottlenecks,"

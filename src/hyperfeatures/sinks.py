@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -229,11 +230,18 @@ class DiskWriter(Sink):
     :attr:`batch_written` lists the files of the current batch written so far: after an
     interruption inside :meth:`end_batch` (Ctrl-C), the ones that are complete.
 
+    With ``background=True`` :meth:`end_batch` hands the batch to one writer thread and
+    returns at once, so the model computes the next batch while this one is written; at
+    most one batch is in flight (memory stays bounded). :meth:`wait` blocks until it is on
+    disk and returns its files (raising the write's error, if any); :meth:`close` waits and
+    stops the thread.
+
     Args:
         out_dir: output folder (created).
         dtype: storage dtype (e.g. ``torch.float16`` halves the size); default as produced.
         metadata: string-convertible values stored in every file (JSON-encoded when not str).
         output_size: resize maps before writing (``None``: native sizes).
+        background: write in a background thread (see above).
     """
 
     def __init__(
@@ -243,6 +251,7 @@ class DiskWriter(Sink):
         dtype: torch.dtype | None = None,
         metadata: Mapping[str, Any] | None = None,
         output_size: int | tuple[int, int] | None = None,
+        background: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +262,10 @@ class DiskWriter(Sink):
         self._meta: list[dict[str, Any]] = []
         self._buffer: dict[str, torch.Tensor] = {}
         self.batch_written: list[Path] = []
+        self._executor = (
+            ThreadPoolExecutor(1, thread_name_prefix="hyperfeatures-writer") if background else None
+        )
+        self._in_flight: Future[None] | None = None
 
     def path_for(self, key: str) -> Path:
         return self.out_dir / f"{key}.safetensors"
@@ -263,7 +276,8 @@ class DiskWriter(Sink):
         self._keys = list(keys)
         self._meta = [dict(m) for m in metadata] if metadata else [{} for _ in self._keys]
         self._buffer = {}
-        self.batch_written = []
+        if self._in_flight is None:  # else: the previous batch is still being written
+            self.batch_written = []
 
     def __call__(self, step: int, tap: str, tensor: torch.Tensor) -> None:
         if not self._keys:
@@ -279,14 +293,47 @@ class DiskWriter(Sink):
         self._buffer[feature_key(step, tap)] = tensor.detach().to("cpu")
 
     def end_batch(self) -> list[Path]:
-        """Write the batch's files (in key order, each atomically); returns their paths."""
-        written = self.batch_written = []
-        for i, key in enumerate(self._keys):
-            tensors = {name: t[i] for name, t in self._buffer.items()}
-            meta = {**self.metadata, **self._meta[i]}
-            written.append(write_feature_file(self.path_for(key), tensors, meta))
+        """Write the batch's files (in key order, each atomically); returns their paths (in
+        the background mode: ``[]`` at once, :meth:`wait` gives them)."""
+        batch = (self._keys, self._meta, self._buffer)
         self._keys, self._meta, self._buffer = [], [], {}
-        return list(written)
+        if self._executor is None:
+            written = self.batch_written = []
+            self._write(*batch, written)
+            return list(written)
+        self.wait()
+        written = self.batch_written = []
+        self._in_flight = self._executor.submit(self._write, *batch, written)
+        return []
+
+    def _write(
+        self,
+        keys: list[str],
+        metas: list[dict[str, Any]],
+        buffer: dict[str, torch.Tensor],
+        written: list[Path],
+    ) -> None:
+        for i, key in enumerate(keys):
+            tensors = {name: t[i] for name, t in buffer.items()}
+            meta = {**self.metadata, **metas[i]}
+            written.append(write_feature_file(self.path_for(key), tensors, meta))
+
+    def wait(self) -> list[Path]:
+        """Block until the batch in flight (background mode) is on disk; returns the files of
+        the last batch. Raises the error of a failed background write."""
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
+        return list(self.batch_written)
+
+    def close(self) -> None:
+        """Wait for the batch in flight and stop the writer thread (idempotent)."""
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
 
 
 class Stack(Sink):

@@ -58,6 +58,7 @@ from .tap_catalogue import (
 __all__ = [
     "PRESETS",
     "Capture",
+    "StopAfterTaps",
     "TapError",
     "TapInfo",
     "capture",
@@ -114,6 +115,12 @@ def _dummy_conditioning(cfg: Any, *, batch: int, device: str | torch.device) -> 
 
 
 # --------------------------------------------------------------------------- capture
+class StopAfterTaps(Exception):
+    """Raised by a :class:`Capture` with :attr:`Capture.stop_after_taps` set, as soon as every
+    tap of the call has fired: the rest of that UNet call would feed nobody. The diffusion
+    loops catch it (:func:`~hyperfeatures.sources.diffusion.call_unet`)."""
+
+
 class Capture:
     """Forward hooks on a UNet that emit ``(step, alias, map)`` events.
 
@@ -126,6 +133,8 @@ class Capture:
         batch_slice: part of the UNet batch that is emitted (e.g. the conditional half of a
             classifier-free-guidance batch); ``None`` = everything.
         maps: latest captured map per alias (only when no sink was given).
+        stop_after_taps: end the current UNet call (raise :class:`StopAfterTaps`) once every
+            tap has fired; set by the loop for a call whose output nobody needs.
     """
 
     def __init__(
@@ -143,6 +152,7 @@ class Capture:
         self.step = 0
         self.active = True
         self.batch_slice: slice | None = None
+        self.stop_after_taps = False
         self.maps: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
         self._grid: dict[str, tuple[int, int]] = {}
@@ -232,6 +242,8 @@ class Capture:
             self.sink(self.step, alias, value)
         else:
             self.maps[alias] = value
+        if self.stop_after_taps and len(self._fired) == len(self.taps):
+            raise StopAfterTaps
 
     def _emit_map(self, name: str, alias: str) -> Callable[..., None]:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:

@@ -8,6 +8,7 @@ command     what                                                                
 ``eval``    a method on a keypoint dataset -> PCK tables, results, figures      benchmark
 ``match``   transfer points from one image to another and draw the matches      benchmark
 ``demo``    the whole flow on the bundled tiny model and sample images          features
+``serve``   an interactive page: click a point, see its match and heat map      serve
 ==========  ==================================================================  ==========
 
 Settings flags are shared (:mod:`hyperfeatures.cli.options`): each builds one field of the
@@ -145,6 +146,7 @@ from . import (  # noqa: E402,F401  (registers the commands)
     propagate,
     segprobe,
     select,
+    serve,
     study,
     synth,
     train,

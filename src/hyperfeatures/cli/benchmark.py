@@ -40,6 +40,7 @@ from .options import (
     ProcessOpt,
     PromptOpt,
     SeedOpt,
+    SpeedOpt,
     StepsOpt,
     TapsOpt,
     check_int,
@@ -245,6 +246,7 @@ def eval_command(
     model_path: ModelPathOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
+    speed: SpeedOpt = None,
     no_progress: Annotated[
         bool, typer.Option("--no-progress", help="Hide the progress bar.")
     ] = False,
@@ -287,6 +289,7 @@ def eval_command(
             vit_model=vit_model,
             device=device,
             dtype=dtype,
+            speed=speed,
             model_path=model_path,
         )
         result = evaluate(
@@ -368,6 +371,7 @@ def match_command(
     model_path: ModelPathOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
+    speed: SpeedOpt = None,
 ) -> None:
     """Transfer points from a source image to a target image and draw the matches.
 
@@ -401,6 +405,7 @@ def match_command(
             aggregator=aggregator,
             device=device,
             dtype=dtype,
+            speed=speed,
             model_path=model_path,
         )
         pred, scores = match_pair(chosen, src, trg, pts)

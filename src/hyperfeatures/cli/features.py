@@ -34,6 +34,7 @@ from .options import (
     ProcessOpt,
     PromptOpt,
     SeedOpt,
+    SpeedOpt,
     StepsOpt,
     TapsOpt,
     settings_from,
@@ -193,6 +194,7 @@ def extract(
     ] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
+    speed: SpeedOpt = None,
     strict: Annotated[
         bool,
         typer.Option(
@@ -250,6 +252,7 @@ def extract(
                     storage=storage,
                     device=device,
                     dtype=dtype,
+                    speed=speed,
                     strict=strict,
                     recursive=recursive,
                     resume=resume,

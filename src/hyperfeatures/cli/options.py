@@ -180,6 +180,15 @@ EnsembleOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: fp32, fp16 or bf16.")]
+SpeedOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--speed",
+        help="How the diffusion UNet runs: parity (default; the fp32 descriptors up to "
+        "rounding), bf16 (autocast; CPU with bf16 support or CUDA), fp16 (CUDA), compile "
+        "(torch.compile of the attention blocks), plain (the model as diffusers builds it).",
+    ),
+]
 ModelPathOpt = Annotated[
     Path | None,
     typer.Option("--model-path", help="Local folder holding the weights of --model."),

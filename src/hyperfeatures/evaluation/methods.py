@@ -283,6 +283,7 @@ def create_method(
     top1: Literal["raw", "bottleneck"] | None = None,
     batch_size: int = 8,
     vit_model: str | None = None,
+    speed: str | None = None,
 ) -> Method:
     """Build a method of :data:`METHODS` (or ``"tap:<tap name>"``) ready for evaluation.
 
@@ -298,6 +299,8 @@ def create_method(
         first_k, top1: (``hyperfeatures``) the pruned variants of the pipeline.
         batch_size: images per source run.
         vit_model: (``fusion``) the ViT part's model (default ``dinov2-vitb14``).
+        speed: speed mode of a diffusion source (``parity`` default, ``bf16``, ``fp16``,
+            ``compile``, ``plain``; :mod:`~hyperfeatures.sources.speed`).
 
     Raises:
         ValueError: unknown method (the message lists the valid ones), an option the method
@@ -327,6 +330,8 @@ def create_method(
     if spec.name == "fusion":
         from .fusion import create_fusion_method
 
+        if speed is not None:
+            raise ValueError("speed: not an option of method 'fusion' (it runs in parity mode)")
         return create_fusion_method(
             settings,
             Settings(model=vit_model) if vit_model is not None else None,
@@ -349,7 +354,12 @@ def create_method(
             dtype=dtype,
             model_path=model_path,
             seed=effective.seed,
+            speed=speed,
         )
+    elif speed is not None:
+        from ..sources import set_speed
+
+        set_speed(source, speed)
     preset = _explicit(settings).get("taps")
     if (
         network is not None

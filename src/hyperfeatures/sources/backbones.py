@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -36,54 +35,13 @@ from torch import nn
 from ..config import Settings, SettingsError
 from ..taps import PRESETS, TapInfo, list_taps, resolve_taps
 from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
+from .conditioning import Conditioning
 from .preprocess import preprocess_images
+from .speed import Speed, apply_speed, autocast_for, check_speed_device, resolve_speed
 
 Family = Literal["sd", "sdxl"]
 
 __all__ = ["Backbone", "Conditioning", "preprocess_images"]
-
-
-# --------------------------------------------------------------------------- conditioning
-@dataclass
-class Conditioning:
-    """Text conditioning for a UNet call.
-
-    Attributes:
-        encoder_hidden_states: ``(B, 77, D)`` token embeddings.
-        added_cond_kwargs: SDXL only: ``{"text_embeds": (B, P), "time_ids": (B, 6)}``.
-    """
-
-    encoder_hidden_states: torch.Tensor
-    added_cond_kwargs: dict[str, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return self.encoder_hidden_states.shape[0]
-
-    def unet_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"encoder_hidden_states": self.encoder_hidden_states}
-        if self.added_cond_kwargs is not None:
-            kwargs["added_cond_kwargs"] = self.added_cond_kwargs
-        return kwargs
-
-    def cat(self, other: Conditioning) -> Conditioning:
-        """Concatenate along the batch (``[self; other]``), e.g. unconditional then conditional."""
-        added = None
-        if self.added_cond_kwargs is not None and other.added_cond_kwargs is not None:
-            added = {
-                k: torch.cat([v, other.added_cond_kwargs[k]])
-                for k, v in self.added_cond_kwargs.items()
-            }
-        return Conditioning(
-            torch.cat([self.encoder_hidden_states, other.encoder_hidden_states]), added
-        )
-
-    def repeat(self, n: int) -> Conditioning:
-        """Repeat a batch-1 conditioning ``n`` times along the batch."""
-        added = None
-        if self.added_cond_kwargs is not None:
-            added = {k: v.expand(n, *v.shape[1:]) for k, v in self.added_cond_kwargs.items()}
-        hidden = self.encoder_hidden_states.expand(n, *self.encoder_hidden_states.shape[1:])
-        return Conditioning(hidden, added)
 
 
 # --------------------------------------------------------------------------- the source
@@ -138,6 +96,8 @@ class Backbone(FeatureSource):
         self._device = torch.device(device)
         self._vae_batch_size = 1
         self._vae_tile_above: int | None = 1024
+        self._speed = resolve_speed("plain")
+        self.speed = "parity"  # type: ignore[assignment]
 
     @property
     def vae_batch_size(self) -> int:
@@ -166,6 +126,32 @@ class Backbone(FeatureSource):
         ):
             raise ValueError(f"vae_tile_above must be None or an integer >= 64, got {value!r}")
         self._vae_tile_above = value
+
+    @property
+    def speed(self) -> Speed:
+        """How the UNet calls run (:mod:`~hyperfeatures.sources.speed`): ``parity`` (default,
+        fp32 descriptors up to rounding), ``plain``, ``bf16``, ``fp16`` (CUDA), ``compile``.
+        Set it with a name or a :class:`~hyperfeatures.sources.speed.Speed`."""
+        return self._speed
+
+    @speed.setter
+    def speed(self, value: str | Speed) -> None:
+        speed = resolve_speed(value)
+        check_speed_device(speed, self.device)
+        apply_speed(self.unet, speed)
+        self._speed = speed
+
+    def _speed_sink(self, sink: EventSink) -> EventSink:
+        """``sink`` fed maps in :attr:`dtype` and the contiguous layout whatever the speed mode
+        computed them in (bf16 under autocast, channels_last)."""
+        if self._speed == resolve_speed("plain"):
+            return sink
+        dtype = self.dtype
+
+        def forward(step: int, tap: str, value: torch.Tensor) -> Any:
+            return sink(step, tap, value.to(dtype=dtype, memory_format=torch.contiguous_format))
+
+        return forward
 
     def __repr__(self) -> str:
         return (
@@ -384,22 +370,33 @@ class Backbone(FeatureSource):
         size = self.image_size(settings)
         cond = self.encode_prompts([prompt], image_size=size).repeat(latents.shape[0])
         schedule = schedule_for(self)
-        if settings.process == "noise":
-            return run_noise_add(
-                self.unet, taps, sink, latents, cond, schedule, settings, first_index
+        sink, stop = self._speed_sink(sink), self._speed.stop_after_taps
+        with autocast_for(self._speed, self.device):
+            if settings.process == "noise":
+                return run_noise_add(
+                    self.unet,
+                    taps,
+                    sink,
+                    latents,
+                    cond,
+                    schedule,
+                    settings,
+                    first_index,
+                    stop_after_taps=stop,
+                )
+            return run_with_taps(
+                self.unet,
+                taps,
+                sink,
+                invert,
+                steps=settings.steps,
+                stop_after_taps_at=max(settings.steps) if stop else None,
+                latents=latents,
+                cond=cond,
+                schedule=schedule,
+                num_steps=settings.num_steps,
+                last_step=max(settings.steps),
             )
-        return run_with_taps(
-            self.unet,
-            taps,
-            sink,
-            invert,
-            steps=settings.steps,
-            latents=latents,
-            cond=cond,
-            schedule=schedule,
-            num_steps=settings.num_steps,
-            last_step=max(settings.steps),
-        )
 
     @torch.no_grad()
     def run_prompts(
@@ -432,19 +429,20 @@ class Backbone(FeatureSource):
             noise = self.initial_noise(len(prompts), settings, first_index=first_index)
         cond = self.encode_prompts(prompts, image_size=size)
         uncond = self.encode_prompts([settings.negative_prompt] * len(prompts), image_size=size)
-        latents = run_with_taps(
-            self.unet,
-            self.resolve_taps(settings.taps),
-            sink,
-            generate,
-            steps=settings.steps,
-            noise=noise,
-            cond=cond,
-            schedule=schedule_for(self),
-            num_steps=settings.num_steps,
-            uncond=uncond,
-            guidance_scale=settings.guidance_scale,
-        )
+        with autocast_for(self._speed, self.device):
+            latents = run_with_taps(
+                self.unet,
+                self.resolve_taps(settings.taps),
+                self._speed_sink(sink),
+                generate,
+                steps=settings.steps,
+                noise=noise,
+                cond=cond,
+                schedule=schedule_for(self),
+                num_steps=settings.num_steps,
+                uncond=uncond,
+                guidance_scale=settings.guidance_scale,
+            )
         return self.decode_latents(latents)
 
     def initial_noise(

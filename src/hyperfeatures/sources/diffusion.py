@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
-from ..taps import capture
+from ..taps import StopAfterTaps, capture
 
 if TYPE_CHECKING:
     from .backbones import Backbone, Conditioning
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NoiseSchedule",
     "add_noise",
+    "call_unet",
     "ddim_grid",
     "ddim_move",
     "generate",
@@ -146,10 +147,18 @@ def to_epsilon(
 
 
 # --------------------------------------------------------------------------- loops
-def _call_unet(unet: nn.Module, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor:
+def call_unet(unet: nn.Module, x: torch.Tensor, t: int, cond: Conditioning) -> torch.Tensor | None:
+    """One UNet call: ``(B, 4, h, w)`` latents at timestep ``t`` -> the model output
+    ``(B, 4, h, w)`` float32, or ``None`` when the taps ended the call early (a call whose
+    output nobody needs, :class:`~hyperfeatures.taps.StopAfterTaps`).
+
+    The timestep tensor is made on the latents' device (no host copy, no sync)."""
     dtype = next(unet.parameters()).dtype
     timesteps = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-    out = unet(x.to(dtype), timesteps, **cond.unet_kwargs(), return_dict=False)[0]
+    try:
+        out = unet(x.to(dtype), timesteps, **cond.unet_kwargs(), return_dict=False)[0]
+    except StopAfterTaps:
+        return None
     return out.float()
 
 
@@ -193,9 +202,11 @@ def invert(
         t, t_next = times[step], nexts[step]
         if before_call is not None:
             before_call(step, t)
-        out = _call_unet(unet, x, t, cond)
+        out = call_unet(unet, x, t, cond)
         if after_call is not None:
             after_call(step)
+        if out is None:  # the taps ended this call: nothing after it needs its output
+            return x
         a_t, a_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
         eps = to_epsilon(out, x, a_t, schedule.prediction_type)
         x = ddim_move(x, eps, a_t, a_next)
@@ -244,7 +255,9 @@ def generate(
         if before_call is not None:
             before_call(step, t)
         x_in = torch.cat([x, x]) if guided else x
-        out = _call_unet(unet, x_in, t, unet_cond)
+        out = call_unet(unet, x_in, t, unet_cond)
+        if out is None:
+            raise RuntimeError("generation needs every UNet output; do not stop its calls early")
         if after_call is not None:
             after_call(step)
         a_t, a_next = schedule.alpha_bar(t), schedule.alpha_bar(t_next)
@@ -325,7 +338,7 @@ def noise_add(
         x_t = add_noise(z0, eps.to(z0.device, torch.float32), a_t)
         if before_call is not None:
             before_call(0, timestep)
-        _call_unet(unet, x_t, timestep, cond)
+        call_unet(unet, x_t, timestep, cond)
         if after_call is not None:
             after_call(0)
     if x_t is None:
@@ -341,14 +354,16 @@ def schedule_for(backbone: Backbone) -> NoiseSchedule:
 
 
 def capture_steps_hooks(
-    capture: Any, steps: Sequence[int]
+    capture: Any, steps: Sequence[int], *, stop_at: int | None = None
 ) -> tuple[StepHook, Callable[[int], None]]:
     """``before_call`` / ``after_call`` hooks that drive a :class:`~hyperfeatures.taps.Capture`:
-    taps fire only at the wanted steps, and a tap that did not fire is reported."""
+    taps fire only at the wanted steps, and a tap that did not fire is reported. Calls of
+    step ``stop_at`` end as soon as every tap has fired (their output feeds nobody)."""
     wanted = set(steps)
 
     def before(step: int, _t: int) -> None:
         capture.begin_call(step, active=step in wanted)
+        capture.stop_after_taps = stop_at is not None and step == stop_at and step in wanted
 
     def after(_step: int) -> None:
         capture.end_call()
@@ -366,6 +381,7 @@ def run_with_taps(
     process: Callable[..., Process],
     *,
     steps: Sequence[int],
+    stop_after_taps_at: int | None = None,
     **process_kwargs: Any,
 ) -> Process:
     """Run a diffusion process with taps attached: the one place that wires taps to steps.
@@ -388,13 +404,16 @@ def run_with_taps(
         process: :func:`invert` or :func:`generate` (any callable taking ``unet`` first and
             the keywords ``before_call``, ``after_call``, ``set_batch_slice``).
         steps: the steps whose maps are emitted.
+        stop_after_taps_at: a step whose UNet calls end once every tap has fired (the
+            deepest tap it needs): the last call of an inversion, every noise-add call. Only
+            for calls whose output nobody reads; never for generation.
         process_kwargs: the process's other arguments.
 
     Returns:
         What ``process`` returns.
     """
     with capture(unet, taps, sink) as cap:
-        before, after = capture_steps_hooks(cap, steps)
+        before, after = capture_steps_hooks(cap, steps, stop_at=stop_after_taps_at)
 
         def set_slice(part: slice | None) -> None:
             cap.batch_slice = part

@@ -35,6 +35,7 @@ def load_backbone(
     random_weights: bool = False,
     seed: int = 0,
     model_path: str | os.PathLike[str] | None = None,
+    speed: str | None = None,
 ) -> Backbone:
     """Load a diffusion backbone by registry name, hub id or local diffusers folder.
 
@@ -48,11 +49,27 @@ def load_backbone(
         seed: seed of random weights.
         model_path: a local diffusers folder holding the weights of ``name`` (overrides the hub
             lookup; the registry entry still gives family and image size).
+        speed: speed mode of the UNet calls (default ``parity``; see
+            :mod:`~hyperfeatures.sources.speed`).
 
     Raises:
         WeightsNotFoundError: weights absent; the message says where it looked and the fix.
         ValueError: unknown name that is neither a hub id nor a folder.
     """
+    backbone = _load_backbone(name, device, dtype, random_weights, seed, model_path)
+    if speed is not None:
+        backbone.speed = speed  # type: ignore[assignment]
+    return backbone
+
+
+def _load_backbone(
+    name: str | os.PathLike[str],
+    device: str | torch.device,
+    dtype: str | torch.dtype | None,
+    random_weights: bool,
+    seed: int,
+    model_path: str | os.PathLike[str] | None,
+) -> Backbone:
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
     key = os.fspath(name)

@@ -133,6 +133,8 @@ def run_noise_add(
     schedule: NoiseSchedule,
     settings: Settings,
     first_index: int = 0,
+    *,
+    stop_after_taps: bool = False,
 ) -> torch.Tensor:
     """Noise-add with taps, as ``settings`` say: ``settings.ensemble`` seeded draws
     (:func:`noise_draws`), one UNet call at ``settings.noise_timestep`` per draw, and the mean
@@ -145,6 +147,8 @@ def run_noise_add(
         schedule: the model's noise schedule.
         settings: ``seed``, ``noise_timestep`` and ``ensemble`` are read.
         first_index: index of the batch's first image in the whole run (seeds).
+        stop_after_taps: end each UNet call once every tap has fired (nothing reads the
+            output of a noise-add call); same maps, less work.
 
     Returns:
         The noisy latents of the last draw, ``(B, 4, h, w)`` float32.
@@ -163,6 +167,7 @@ def run_noise_add(
         mean,
         noise_add,
         steps=(0,),
+        stop_after_taps_at=0 if stop_after_taps else None,
         latents=latents,
         cond=cond,
         schedule=schedule,

@@ -275,6 +275,7 @@ def load_source(
     model_path: str | os.PathLike[str] | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    speed: str | None = None,
 ) -> FeatureSource:
     """Load a feature source by registry name, hub id or local folder.
 
@@ -289,6 +290,9 @@ def load_source(
         random_weights: the real architecture of a registry diffusion model with seeded random
             weights (no download; benchmarks).
         seed: seed of random weights (tiny models, ``random_weights``).
+        speed: how a diffusion source runs its UNet calls (:mod:`~hyperfeatures.sources.
+            speed`: ``parity``, the default, ``plain``, ``bf16``, ``fp16``, ``compile``);
+            ViT sources run as they are (``parity`` / ``plain`` only).
 
     Raises:
         ValueError: unknown name (with close matches); WeightsNotFoundError: weights absent.
@@ -300,6 +304,15 @@ def load_source(
     chosen = spec.kind if spec is not None else (kind or _guess_kind(key, model_path))
     if kind is not None and spec is not None and spec.kind != kind:
         raise ValueError(f"{key!r} is a {spec.kind} model, not a {kind} one")
+    if speed is not None:
+        from .speed import resolve_speed
+
+        mode = resolve_speed(speed)
+        if chosen == "vit" and mode.name not in ("parity", "plain"):
+            raise ValueError(
+                f"speed mode {mode.name!r} is for diffusion sources; {key!r} is a ViT, which "
+                "runs as it is: drop --speed"
+            )
     if chosen == "vit":
         from .vit import ViTSource
 
@@ -317,4 +330,5 @@ def load_source(
         model_path=model_path,
         random_weights=random_weights,
         seed=seed,
+        speed=speed,
     )
