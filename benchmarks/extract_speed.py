@@ -25,12 +25,18 @@ first K UNet calls of the chain (same timesteps) and extrapolates the loop to T 
 rows say "extrapolated from K calls" (their ``keep`` peak memory holds K steps of maps; the
 "sink holds" column gives the extrapolated size of all T steps).
 
+``--throughput`` measures instead the whole ``hyperfeatures extract`` job (decoding in the
+loader thread, the model, writing in the writer thread, the manifest) on ``--images`` copies
+of the bundled photos, at each batch size of ``--batches``, in one process, and prints
+images per second; a batch size shares each UNet call among that many images.
+
 Examples::
 
     python benchmarks/extract_speed.py --quick
     python benchmarks/extract_speed.py --max-calls 3            # full table, ~10 min on CPU
     python benchmarks/extract_speed.py --models sd15 --steps 1 --device cuda --dtype fp16
     python benchmarks/extract_speed.py --quick --json results.json
+    python benchmarks/extract_speed.py --throughput --batches 1,2,4,8 --images 16
 """
 
 from __future__ import annotations
@@ -264,6 +270,60 @@ def _table(results: list[dict[str, Any]]) -> str:
     return markdown_table(rows, header)
 
 
+def _throughput(args: Any, device: torch.device) -> None:
+    """Images per second of the extract job at each batch size (one process, in turn)."""
+    import tempfile
+    import warnings
+
+    from PIL import Image
+
+    from hyperfeatures.config import Settings
+    from hyperfeatures.datasets.synthetic import sample_photos
+    from hyperfeatures.extract import ExtractJob
+    from hyperfeatures.pipeline import FeatureExtractor
+
+    model = args.models[0]
+    settings = Settings(
+        model=model,
+        taps="dhf",
+        num_steps=args.throughput_steps,
+        steps="all",
+        image_size=args.throughput_size,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extractor = FeatureExtractor.from_settings(settings, device=device, dtype=args.dtype)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        photos = sample_photos()
+        for i in range(args.images):
+            image = Image.open(photos[i % len(photos)]).convert("RGB")
+            image.resize((320 + 8 * i, 240)).save(folder / f"{i:03d}.jpg", quality=92)
+        extractor.extract([Image.open(photos[0]).convert("RGB")])  # warm-up
+        for batch in parse_csv(args.batches, int):
+            out = Path(tmp) / f"features-{batch}"
+            job = ExtractJob(out=out, settings=settings, batch_size=batch, extractor=extractor)
+            summary = job.run_images([folder])
+            rows.append(
+                [
+                    batch,
+                    summary["written"],
+                    f"{summary['seconds']:.2f}",
+                    f"{summary['items_per_second']:.2f}",
+                ]
+            )
+            print(f"batch {batch}: {summary['items_per_second']:.2f} images/s", file=sys.stderr)
+    print(f"## Extract throughput ({runtime_header(device, args.dtype)})\n")
+    print(
+        f"`hyperfeatures extract` job, {model}, VAE input {args.throughput_size}, "
+        f"T = {args.throughput_steps} with the 12 `dhf` taps saved at every step, "
+        f"{args.images} JPEG images, one process.\n"
+    )
+    print(markdown_table(rows, ["batch size", "images", "seconds", "images/s"]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--models", default="tiny-sd,sd15", help="comma list (tiny-sd, sd15...)")
@@ -273,6 +333,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per run")
     parser.add_argument("--tiny-sizes", default="64,512", help="VAE sizes for tiny models")
     parser.add_argument("--quick", action="store_true", help="tiny-sd at 64 px only, fast")
+    parser.add_argument("--throughput", action="store_true", help="images/s of the extract job")
+    parser.add_argument("--batches", default="1,2,4,8", help="--throughput batch sizes")
+    parser.add_argument("--images", type=int, default=16, help="--throughput images")
+    parser.add_argument("--throughput-size", type=int, default=128, help="--throughput VAE px")
+    parser.add_argument("--throughput-steps", type=int, default=10, help="--throughput T")
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(_worker, args.worker)
@@ -289,6 +354,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_calls < 0 or args.repeats < 1 or args.batch < 1:
         parser.error("--max-calls must be >= 0, --repeats and --batch >= 1")
     device = parse_device(args.device)
+    if args.throughput:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _throughput(args, device)
+        return
     configs = _configs(args, device)
     results = []
     for i, cfg in enumerate(configs, 1):

@@ -97,3 +97,52 @@ def test_extract_loads_and_writes_beside_the_model(tmp_path: Path, monkeypatch) 
     ]
     assert not list(out.glob(".*"))  # no temporary files left
     assert not [t for t in threading.enumerate() if t.name.startswith("hyperfeatures-")]
+
+
+def test_evaluate_decodes_the_next_pair_ahead(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    import hyperfeatures.evaluation.prefetch as prefetch
+    from hyperfeatures.config import Settings
+    from hyperfeatures.datasets.synthetic import make_warped_pairs, sample_photos
+    from hyperfeatures.evaluation import create_method, evaluate
+
+    threads: list[str] = []
+    load = prefetch.load_image
+
+    def loading(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(prefetch, "load_image", loading)
+    pairs = make_warped_pairs(sample_photos()[:2], tmp_path, pairs_per_image=2, size=64, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = create_method("layer-4", Settings(model="tiny-sd", image_size=64))
+    result = evaluate(method, pairs, progress=False)
+    assert len(result.predictions) == 4
+    # 2 sources + 4 targets, each decoded once; only the first pair's target on the main
+    # thread (its source, shared with the second pair, was queued with that pair)
+    assert len(threads) == 6
+    assert sum(name.startswith("hyperfeatures-loader") for name in threads) == 5
+    assert not [t for t in threading.enumerate() if t.name.startswith("hyperfeatures-")]
+
+
+def test_prefetcher_is_bounded_and_reports_bad_files(tmp_path: Path) -> None:
+    from hyperfeatures.datasets.images import ImageLoadError
+    from hyperfeatures.evaluation.prefetch import ImagePrefetcher
+
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(paths[-1])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with ImagePrefetcher() as loader:
+        loader.ahead(paths, "pair x")
+        assert len(loader._ahead) == ImagePrefetcher.KEEP  # the oldest were dropped
+        assert loader.load(paths[-1], "pair x").getpixel((0, 0)) == (5, 0, 0)
+        assert loader.load(paths[0], "pair x").getpixel((0, 0)) == (0, 0, 0)  # decoded now
+        loader.ahead([bad], "pair y")
+        with pytest.raises(ImageLoadError, match=r"bad\.png"):
+            loader.load(bad, "pair y")

@@ -25,6 +25,7 @@ from ..datasets import KeypointPair, PairDataset, load_image
 from ..metrics import PCKAccumulator
 from .descriptor_cache import DescriptorCache, _cache_key, _nbytes
 from .methods import call_descriptors
+from .prefetch import ImagePrefetcher
 from .report import (
     FIGURE_KEYPOINTS,
     MAX_FIGURE_KEYPOINTS,
@@ -319,10 +320,13 @@ def evaluate(
     desc_info: dict[str, Any] = {}  # shape, dtype, bytes and device of one descriptor
     start = time.perf_counter()
     bar = progress_bar(console=console, enabled=progress, elapsed=True)
-    with bar, torch.no_grad():
+    # the next pair's images are decoded in a loader thread while the model runs on this one
+    with bar, torch.no_grad(), ImagePrefetcher() as loader:
         task = bar.add_task(f"{method.name} on {dataset_name}", total=len(pairs))
-        for pair, pair_id in zip(pairs, ids, strict=True):
-            descs, seconds, computed = _pair_descriptors(method, pair, pair_id, cache)
+        for n, (pair, pair_id) in enumerate(zip(pairs, ids, strict=True)):
+            if n + 1 < len(pairs):
+                _prefetch(loader, method, pairs[n + 1], ids[n + 1], cache)
+            descs, seconds, computed = _pair_descriptors(method, pair, pair_id, cache, loader)
             if computed:
                 image_seconds.extend([seconds / computed] * computed)
             if not desc_info:
@@ -353,20 +357,42 @@ def evaluate(
     return result
 
 
+def _context(pair: KeypointPair, pair_id: str) -> str:
+    return f"pair {pair_id!r}, {pair.origin or 'no annotation file'}"
+
+
+def _prefetch(
+    loader: ImagePrefetcher,
+    method: Method,
+    pair: KeypointPair,
+    pair_id: str,
+    cache: DescriptorCache,
+) -> None:
+    """Queue the images of ``pair`` whose descriptors are not cached."""
+    joint = getattr(method, "joint_pairs", False)
+    paths = [
+        Path(path)
+        for path in (pair.source_path, pair.target_path)
+        if joint or _cache_key(method, path, pair.category) not in cache
+    ]
+    loader.ahead(paths, _context(pair, pair_id))
+
+
 def _pair_descriptors(
     method: Method,
     pair: KeypointPair,
     pair_id: str,
     cache: DescriptorCache,
+    loader: ImagePrefetcher | None = None,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], float, int]:
     """``((src (C, h, w), trg (C, h, w)), seconds spent computing, images computed)``.
 
     A method with ``joint_pairs = True`` (descriptors that depend on both images of the call,
     e.g. a PCA fitted on the pair) gets the pair's two images in one call, never cached."""
     if getattr(method, "joint_pairs", False):
-        context = f"pair {pair_id!r}, {pair.origin or 'no annotation file'}"
+        context = _context(pair, pair_id)
         paths = [Path(pair.source_path), Path(pair.target_path)]
-        images = [load_image(path, context=context) for path in paths]
+        images = [_load(loader, path, context) for path in paths]
         t0 = time.perf_counter()
         desc = call_descriptors(method, images, pair.category)
         if isinstance(desc, torch.Tensor):
@@ -388,10 +414,7 @@ def _pair_descriptors(
             found[key] = value
     seconds = 0.0
     if missing:
-        images = [
-            load_image(path, context=f"pair {pair_id!r}, {pair.origin or 'no annotation file'}")
-            for _, path in missing
-        ]
+        images = [_load(loader, path, _context(pair, pair_id)) for _, path in missing]
         t0 = time.perf_counter()
         desc = call_descriptors(method, images, pair.category)
         if isinstance(desc, torch.Tensor):
@@ -402,6 +425,10 @@ def _pair_descriptors(
             found[key] = desc[i]
             cache.put(key, desc[i])
     return (found[keys[0]], found[keys[1]]), seconds, len(missing)
+
+
+def _load(loader: ImagePrefetcher | None, path: Path, context: str) -> Image.Image:
+    return load_image(path, context=context) if loader is None else loader.load(path, context)
 
 
 # =========================================================================== one pair

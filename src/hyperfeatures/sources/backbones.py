@@ -37,7 +37,15 @@ from ..taps import PRESETS, TapInfo, list_taps, resolve_taps
 from .base import EventSink, FeatureSource, ImageInput, resolve_device, resolve_dtype
 from .conditioning import Conditioning
 from .preprocess import preprocess_images
-from .speed import Speed, apply_speed, autocast_for, check_speed_device, resolve_speed
+from .speed import (
+    Speed,
+    apply_speed,
+    autocast_for,
+    check_speed_device,
+    resolve_speed,
+    speed_sink,
+    warn_if_emulated,
+)
 
 Family = Literal["sd", "sdxl"]
 
@@ -138,20 +146,12 @@ class Backbone(FeatureSource):
     def speed(self, value: str | Speed) -> None:
         speed = resolve_speed(value)
         check_speed_device(speed, self.device)
+        warn_if_emulated(speed, self.device)
         apply_speed(self.unet, speed)
         self._speed = speed
 
     def _speed_sink(self, sink: EventSink) -> EventSink:
-        """``sink`` fed maps in :attr:`dtype` and the contiguous layout whatever the speed mode
-        computed them in (bf16 under autocast, channels_last)."""
-        if self._speed == resolve_speed("plain"):
-            return sink
-        dtype = self.dtype
-
-        def forward(step: int, tap: str, value: torch.Tensor) -> Any:
-            return sink(step, tap, value.to(dtype=dtype, memory_format=torch.contiguous_format))
-
-        return forward
+        return speed_sink(sink, self._speed, self.dtype)
 
     def __repr__(self) -> str:
         return (

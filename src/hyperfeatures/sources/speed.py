@@ -19,6 +19,8 @@ mode           what it changes                                         descripto
 ``compile``    ``parity`` + ``torch.compile`` (inductor) of every      equal to float
                attention block; compiled once per shape, the compile   rounding
                time is paid by the first call
+``cudagraphs`` ``fp16`` + the attention blocks compiled with           as ``fp16``
+               ``mode="reduce-overhead"`` (CUDA graphs; CUDA only)
 =============  ======================================================  ====================
 
 :func:`apply_speed` puts a UNet in a mode (in place, reversible: ``plain`` restores the
@@ -30,8 +32,9 @@ region of a mode. :class:`~hyperfeatures.sources.backbones.Backbone` does both t
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,8 +48,10 @@ __all__ = [
     "TunedAttnProcessor",
     "apply_speed",
     "autocast_for",
+    "native_bf16",
     "resolve_speed",
     "set_speed",
+    "speed_sink",
     "tuned_attention",
 ]
 
@@ -90,6 +95,7 @@ SPEEDS: dict[str, Speed] = {
     "bf16": Speed("bf16", autocast="bf16"),
     "fp16": Speed("fp16", autocast="fp16"),
     "compile": Speed("compile", compile="default"),
+    "cudagraphs": Speed("cudagraphs", autocast="fp16", compile="reduce-overhead"),
 }
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,8 +146,31 @@ def check_speed_device(speed: Speed, device: torch.device) -> None:
     """
     if speed.autocast == "fp16" and device.type != "cuda":
         raise ValueError(
-            "speed mode fp16 needs a CUDA device (fp16 autocast on a CPU is slower than fp32); "
-            "on a CPU use --speed bf16"
+            f"speed mode {speed.name} needs a CUDA device (fp16 autocast on a CPU is slower than "
+            "fp32); on a CPU use --speed bf16"
+        )
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or a CPU whose oneDNN build has bf16
+    kernels (AVX512-BF16 or AMX). Elsewhere bf16 autocast is emulated and slower than fp32."""
+    if device.type != "cpu":
+        return True
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def warn_if_emulated(speed: Speed, device: torch.device) -> None:
+    """A ``UserWarning`` when bf16 autocast would run emulated on this CPU."""
+    if speed.autocast == "bf16" and not native_bf16(device):
+        warnings.warn(
+            "speed mode bf16: this CPU has no native bf16 kernels (AVX512-BF16 or AMX), so "
+            "bf16 runs emulated and is slower than fp32 here; use --speed parity",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -151,6 +180,21 @@ def autocast_for(speed: Speed, device: torch.device) -> contextlib.AbstractConte
         return contextlib.nullcontext()
     check_speed_device(speed, device)
     return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[speed.autocast])
+
+
+def speed_sink(sink: Callable[..., Any], speed: Speed, dtype: torch.dtype) -> Callable[..., Any]:
+    """``sink`` fed maps in ``dtype`` (the source's) and the contiguous layout, whatever the
+    mode computed them in (bf16 under autocast, channels_last); under CUDA graphs each map is
+    copied, since a graph's output is overwritten by the next replay."""
+    if speed == SPEEDS["plain"]:
+        return sink
+    graphs = speed.compile == "reduce-overhead"
+
+    def forward(step: int, tap: str, value: torch.Tensor) -> Any:
+        value = value.to(dtype=dtype, memory_format=torch.contiguous_format)
+        return sink(step, tap, value.clone() if graphs else value)
+
+    return forward
 
 
 # --------------------------------------------------------------------------- attention
