@@ -60,7 +60,7 @@ def _agree(desc: torch.Tensor, ref: torch.Tensor | None) -> tuple[str, str]:
     if ref is None or desc.shape != ref.shape:
         return "", ""
     a, b = desc.double().flatten(), ref.double().flatten()
-    cos = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    cos = float(a @ b / (a.norm() * b.norm()))
     return f"{cos:.6f}", f"{float((a - b).abs().max() / b.abs().max()):.1e}"
 
 
@@ -192,9 +192,9 @@ def main() -> None:
     base = rows[0]["best_s"]
     print(runtime_header(device, "fp32"))
     print(
-        f"\n{args.model} ({'random' if random else 'real'} weights), VAE input {args.image_size}, "
-        f"T = {args.num_steps}, 11 saved steps, dhf taps, a pair per run unless a batch is "
-        "given\n"
+        f"\n{args.model} ({'real' if args.model_path else 'seeded random'} weights), VAE input "
+        f"{args.image_size}, T = {args.num_steps}, {len(pipe.settings.steps)} saved steps, dhf "
+        "taps, a pair per run unless a batch is given\n"
     )
     table = [
         [

@@ -121,10 +121,10 @@ def test_evaluate_decodes_the_next_pair_ahead(tmp_path: Path, monkeypatch) -> No
         method = create_method("layer-4", Settings(model="tiny-sd", image_size=64))
     result = evaluate(method, pairs, progress=False)
     assert len(result.predictions) == 4
-    # 2 sources + 4 targets, each decoded once; only the first pair's target on the main
-    # thread (its source, shared with the second pair, was queued with that pair)
+    # 2 sources + 4 targets, each decoded once: the first pair's two on the main thread,
+    # every later one ahead of its pair in the loader thread
     assert len(threads) == 6
-    assert sum(name.startswith("hyperfeatures-loader") for name in threads) == 5
+    assert sum(name.startswith("hyperfeatures-loader") for name in threads) == 4
     assert not [t for t in threading.enumerate() if t.name.startswith("hyperfeatures-")]
 
 

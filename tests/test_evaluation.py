@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
+import hyperfeatures.evaluation.prefetch as prefetch_module
 import hyperfeatures.evaluation.runner as runner_module
 from hyperfeatures.config import Settings, SettingsError
 from hyperfeatures.datasets import (
@@ -356,6 +357,7 @@ def test_each_image_is_computed_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
         return real_load(path, **kwargs)
 
     monkeypatch.setattr(runner_module, "load_image", counting_load)
+    monkeypatch.setattr(prefetch_module, "load_image", counting_load)  # decoded ahead
     method = ConstantMethod()
     result = evaluate(method, data, match_size=32, progress=False)
     assert sum(method.batches) == 6

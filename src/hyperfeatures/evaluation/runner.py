@@ -325,7 +325,7 @@ def evaluate(
         task = bar.add_task(f"{method.name} on {dataset_name}", total=len(pairs))
         for n, (pair, pair_id) in enumerate(zip(pairs, ids, strict=True)):
             if n + 1 < len(pairs):
-                _prefetch(loader, method, pairs[n + 1], ids[n + 1], cache)
+                _prefetch(loader, method, pairs[n + 1], ids[n + 1], cache, now=pair)
             descs, seconds, computed = _pair_descriptors(method, pair, pair_id, cache, loader)
             if computed:
                 image_seconds.extend([seconds / computed] * computed)
@@ -367,13 +367,18 @@ def _prefetch(
     pair: KeypointPair,
     pair_id: str,
     cache: DescriptorCache,
+    *,
+    now: KeypointPair,
 ) -> None:
-    """Queue the images of ``pair`` whose descriptors are not cached."""
+    """Queue the images of ``pair`` whose descriptors are not cached and will not be by the
+    pair computed ``now`` (each image is decoded once)."""
     joint = getattr(method, "joint_pairs", False)
+    current = {Path(now.source_path), Path(now.target_path)}
     paths = [
         Path(path)
         for path in (pair.source_path, pair.target_path)
-        if joint or _cache_key(method, path, pair.category) not in cache
+        if joint
+        or (_cache_key(method, path, pair.category) not in cache and Path(path) not in current)
     ]
     loader.ahead(paths, _context(pair, pair_id))
 

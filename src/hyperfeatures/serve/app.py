@@ -158,6 +158,21 @@ def click_outputs(
     )
 
 
+def _image_column(
+    samples: list[str], value: str, start: Any, side: str, label: str
+) -> tuple[Any, Any, Any]:
+    """One side of the page: sample picker, upload box and the image (``side``: source or
+    target; element ids ``hf-<side>-pick`` and ``hf-<side>``)."""
+    pick = gr.Radio(samples, value=value, label=f"{side.title()} sample", elem_id=f"hf-{side}-pick")
+    upload = gr.File(
+        label=f"...or upload a {side} image", file_types=["image"], type="filepath", height=120
+    )
+    view = gr.Image(
+        start, type="pil", format="png", interactive=False, label=label, elem_id=f"hf-{side}"
+    )
+    return pick, upload, view
+
+
 def build_app(
     session: ServeSession,
     *,
@@ -220,40 +235,12 @@ def build_app(
         trg_state = gr.State(start_trg)
         with gr.Row():
             with gr.Column():
-                src_pick = gr.Radio(
-                    samples, value=source, label="Source sample", elem_id="hf-source-pick"
-                )
-                src_file = gr.File(
-                    label="...or upload a source image",
-                    file_types=["image"],
-                    type="filepath",
-                    height=120,
-                )
-                src_view = gr.Image(
-                    start_src,
-                    type="pil",
-                    format="png",
-                    interactive=False,
-                    label="Source: click a point",
-                    elem_id="hf-source",
+                src_pick, src_file, src_view = _image_column(
+                    samples, source, start_src, "source", "Source: click a point"
                 )
             with gr.Column():
-                trg_pick = gr.Radio(
-                    samples, value=target, label="Target sample", elem_id="hf-target-pick"
-                )
-                trg_file = gr.File(
-                    label="...or upload a target image",
-                    file_types=["image"],
-                    type="filepath",
-                    height=120,
-                )
-                trg_view = gr.Image(
-                    start_trg,
-                    type="pil",
-                    format="png",
-                    interactive=False,
-                    label="Target",
-                    elem_id="hf-target",
+                trg_pick, trg_file, trg_view = _image_column(
+                    samples, target, start_trg, "target", "Target"
                 )
         with gr.Row():
             match_view = gr.Image(

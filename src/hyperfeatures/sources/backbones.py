@@ -275,7 +275,10 @@ class Backbone(FeatureSource):
         means, stds = [], []
         with self._vae_tiling(max(images.shape[-2:])):
             for chunk in images.split(self.vae_batch_size):
-                dist = self.vae.encode(chunk.to(self.device, self.vae_dtype)).latent_dist
+                if self.device.type == "cuda" and chunk.device.type == "cpu":
+                    chunk = chunk.pin_memory()  # an asynchronous copy to the GPU
+                chunk = chunk.to(self.device, self.vae_dtype, non_blocking=True)
+                dist = self.vae.encode(chunk).latent_dist
                 means.append(dist.mean)
                 stds.append(dist.std)
         mean = torch.cat(means)
