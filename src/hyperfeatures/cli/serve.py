@@ -116,8 +116,8 @@ def serve_command(
         int,
         typer.Option(
             "--threads",
-            help="CPU threads of torch (0 = its default; 1 is fastest for the tiny models and "
-            "on a busy machine).",
+            help="CPU threads of torch (0 = its default; fewer than the cores on a machine "
+            "shared with other jobs).",
         ),
     ] = 0,
     aggregator: AggregatorOpt = None,
