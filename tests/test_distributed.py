@@ -106,6 +106,7 @@ def _tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.*"))}
 
 
+@pytest.mark.slow  # two launched processes: about 15 s each
 def test_two_process_cache_build_writes_the_files_of_one(
     tmp_path: Path, pair_files: tuple[Path, Path]
 ) -> None:
@@ -142,6 +143,7 @@ def _assert_same_network(a: Path, b: Path) -> None:
         torch.testing.assert_close(net_a[key], net_b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # two launched processes: about 15 s each
 def test_two_processes_train_like_one_with_twice_the_accumulation(
     tmp_path: Path, pair_files: tuple[Path, Path]
 ) -> None:
