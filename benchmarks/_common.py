@@ -219,6 +219,38 @@ def time_repeats(fn: Callable[[], Any], repeats: int, device: torch.device) -> T
     return Timing(runs)
 
 
+# ----------------------------------------------------------------------------- baselines
+@torch.no_grad()
+def plain_inversion_loop(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    cond: Any,
+    schedule: Any,
+    num_steps: int,
+    calls: int,
+) -> torch.Tensor:
+    """The baseline of the speed benchmarks: ``calls`` UNet calls of a ``num_steps`` DDIM
+    inversion of ``latents`` (``(B, 4, h, w)``), the UNet called as a plain diffusers loop
+    would call it (``unet(x, t, ...).sample``, no taps), DDIM moves between calls. Returns the
+    last latent."""
+    from hyperfeatures.sources.diffusion import ddim_grid, ddim_move, inversion_timesteps
+
+    times, nexts = inversion_timesteps(num_steps), ddim_grid(num_steps)
+    x = latents.float()
+    for i in range(calls):
+        t = torch.full((x.shape[0],), times[i], device=x.device, dtype=torch.long)
+        eps = unet(x, t, **cond.unet_kwargs()).sample.float()
+        x = ddim_move(x, eps, schedule.alpha_bar(times[i]), schedule.alpha_bar(nexts[i]))
+    return x
+
+
+def descriptor_agreement(desc: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """``(cosine, max |desc - ref| / max |ref|)`` of two descriptor tensors, in float64."""
+    a, b = desc.double().flatten(), ref.double().flatten()
+    cos = float(a @ b / (a.norm() * b.norm()))
+    return cos, float((a - b).abs().max() / b.abs().max())
+
+
 # ----------------------------------------------------------------------------- workers
 def run_worker(script: str | Path, config: dict[str, Any], *, timeout: float | None = None) -> dict:
     """Run ``script --worker JSON`` in a fresh Python process and return its JSON result.

@@ -45,10 +45,12 @@ from _common import (
     MemoryProbe,
     benchmark_parser,
     cuda_sync,
+    descriptor_agreement,
     format_bytes,
     markdown_table,
     parse_csv,
     parse_device,
+    plain_inversion_loop,
     runtime_header,
     write_json,
 )
@@ -72,12 +74,6 @@ def _settings(args: Any, model: str, num_steps: int, calls: int) -> Any:
     if calls - 1 not in steps:
         steps.append(calls - 1)
     return base.replace(steps=sorted(steps))
-
-
-def _agreement(desc: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    a, b = desc.double().flatten(), ref.double().flatten()
-    cos = float(a @ b / (a.norm() * b.norm()))
-    return cos, float((a - b).abs().max() / b.abs().max())
 
 
 def _pck(backbone: Any, settings: Any, speeds: list[str], workdir: Path) -> dict[str, float]:
@@ -104,7 +100,7 @@ def _pck(backbone: Any, settings: Any, speeds: list[str], workdir: Path) -> dict
 
 def run(args: Any, model: str, device: torch.device) -> dict[str, Any]:
     from hyperfeatures.pipeline import HyperfeaturePipeline
-    from hyperfeatures.sources.diffusion import ddim_grid, inversion_timesteps, schedule_for
+    from hyperfeatures.sources.diffusion import schedule_for
     from hyperfeatures.sources.loading import load_backbone
     from hyperfeatures.sources.speed import resolve_speed
 
@@ -126,16 +122,9 @@ def run(args: Any, model: str, device: torch.device) -> dict[str, Any]:
     latents = backbone.encode(images, settings)
     hidden = backbone.encode_prompts([""]).repeat(latents.shape[0])
     schedule = schedule_for(backbone)
-    times, nexts = inversion_timesteps(T), ddim_grid(T)
 
-    @torch.no_grad()
     def diffusers_loop() -> None:
-        x = latents.float()
-        for i in range(calls):
-            t = torch.full((x.shape[0],), times[i], device=device, dtype=torch.long)
-            eps = plain_unet(x, t, **hidden.unet_kwargs()).sample.float()
-            a_t, a_n = schedule.alpha_bar(times[i]), schedule.alpha_bar(nexts[i])
-            x = a_n**0.5 * (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5 + (1 - a_n) ** 0.5 * eps
+        plain_inversion_loop(plain_unet, latents, hidden, schedule, T, calls)
 
     rows: dict[str, dict[str, Any]] = {}
     descriptors: dict[str, torch.Tensor] = {}
@@ -203,7 +192,7 @@ def run(args: Any, model: str, device: torch.device) -> dict[str, Any]:
         best = min(row["runs"])
         agree = ("", "")
         if ref is not None and name in descriptors and descriptors[name].shape == ref.shape:
-            cos, rel = _agreement(descriptors[name], ref)
+            cos, rel = descriptor_agreement(descriptors[name], ref)
             agree = (f"{cos:.7f}", f"{rel:.1e}")
         mode = name[name.find("(") + 1 : name.find(")")].split(",")[0] if "(" in name else ""
         table.append(

@@ -42,7 +42,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cuda_sync, markdown_table, parse_csv, parse_device, runtime_header, write_json
+from _common import (
+    cuda_sync,
+    descriptor_agreement,
+    markdown_table,
+    parse_csv,
+    parse_device,
+    plain_inversion_loop,
+    runtime_header,
+    write_json,
+)
 
 
 def _images(n: int, size: int) -> list[Any]:
@@ -59,9 +68,8 @@ def _images(n: int, size: int) -> list[Any]:
 def _agree(desc: torch.Tensor, ref: torch.Tensor | None) -> tuple[str, str]:
     if ref is None or desc.shape != ref.shape:
         return "", ""
-    a, b = desc.double().flatten(), ref.double().flatten()
-    cos = float(a @ b / (a.norm() * b.norm()))
-    return f"{cos:.6f}", f"{float((a - b).abs().max() / b.abs().max()):.1e}"
+    cos, rel = descriptor_agreement(desc, ref)
+    return f"{cos:.6f}", f"{rel:.1e}"
 
 
 def main() -> None:
@@ -83,7 +91,7 @@ def main() -> None:
 
     from hyperfeatures.config import Settings
     from hyperfeatures.pipeline import HyperfeaturePipeline
-    from hyperfeatures.sources.diffusion import ddim_grid, inversion_timesteps, schedule_for
+    from hyperfeatures.sources.diffusion import schedule_for
     from hyperfeatures.sources.loading import load_backbone
 
     device = parse_device(args.device)
@@ -147,16 +155,10 @@ def main() -> None:
     latents = backbone.encode(pair, settings)
     cond = backbone.encode_prompts([""]).repeat(2)
     schedule = schedule_for(backbone)
-    times, nexts = inversion_timesteps(args.num_steps), ddim_grid(args.num_steps)
+    T = args.num_steps
 
-    @torch.no_grad()
     def loop() -> None:
-        x = latents.float()
-        for i in range(args.num_steps):
-            t = torch.full((2,), times[i], device=device, dtype=torch.long)
-            eps = baseline["unet"](x, t, **cond.unet_kwargs()).sample.float()
-            a, n = schedule.alpha_bar(times[i]), schedule.alpha_bar(nexts[i])
-            x = n**0.5 * (x - (1 - a) ** 0.5 * eps) / a**0.5 + (1 - n) ** 0.5 * eps
+        plain_inversion_loop(baseline["unet"], latents, cond, schedule, T, T)
 
     measure("diffusers loop (fp32, no taps)", loop)
     baseline.clear()  # free the copy before the other rows
