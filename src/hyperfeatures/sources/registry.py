@@ -304,15 +304,10 @@ def load_source(
     chosen = spec.kind if spec is not None else (kind or _guess_kind(key, model_path))
     if kind is not None and spec is not None and spec.kind != kind:
         raise ValueError(f"{key!r} is a {spec.kind} model, not a {kind} one")
-    if speed is not None:
-        from .speed import resolve_speed
+    if speed is not None:  # refused before anything is loaded
+        from .speed import speed_for_source
 
-        mode = resolve_speed(speed)
-        if chosen == "vit" and mode.name not in ("parity", "plain"):
-            raise ValueError(
-                f"speed mode {mode.name!r} is for diffusion sources; {key!r} is a ViT, which "
-                "runs as it is: drop --speed"
-            )
+        speed_for_source(speed, diffusion=chosen != "vit", what=f"the ViT {key!r}")
     if chosen == "vit":
         from .vit import ViTSource
 

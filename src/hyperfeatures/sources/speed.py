@@ -51,6 +51,7 @@ __all__ = [
     "native_bf16",
     "resolve_speed",
     "set_speed",
+    "speed_for_source",
     "speed_sink",
     "tuned_attention",
 ]
@@ -128,14 +129,26 @@ def set_speed(source: Any, speed: str | Speed) -> None:
     Raises:
         ValueError: an unknown mode, or a mode the source or its device cannot run.
     """
-    mode = resolve_speed(speed)
-    if hasattr(source, "unet"):
+    diffusion = hasattr(source, "unet")
+    mode = speed_for_source(speed, diffusion=diffusion, what=f"this {type(source).__name__}")
+    if diffusion:
         source.speed = mode
-    elif mode.name not in ("parity", "plain"):
+
+
+def speed_for_source(speed: str | Speed, *, diffusion: bool, what: str) -> Speed:
+    """The :class:`Speed` of ``speed`` for a source: any mode for a diffusion source, only
+    ``parity`` / ``plain`` (no-ops) for others (``what`` names the source in the error).
+
+    Raises:
+        ValueError: an unknown mode, or a diffusion-only mode for another source.
+    """
+    mode = resolve_speed(speed)
+    if not diffusion and mode.name not in ("parity", "plain"):
         raise ValueError(
-            f"speed mode {mode.name!r} is for diffusion sources; this {type(source).__name__} "
-            "runs as it is: drop --speed (speed=)"
+            f"speed mode {mode.name!r} is for diffusion sources; {what} runs as it is: drop "
+            "--speed (speed=)"
         )
+    return mode
 
 
 def check_speed_device(speed: Speed, device: torch.device) -> None:
